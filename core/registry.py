@@ -1,0 +1,160 @@
+"""Module discovery and validation.
+
+Every `module.py` under `pre_train/` and `post_train/` defines `MODULE = Module(...)`. The registry
+imports each one, checks it against the contract (DESIGN.md) and keeps going when one is broken:
+a broken manifest is reported with its path and the rest still list.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import sys
+import tomllib
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from core.checks import Check
+from core.paths import ROOT
+
+SEARCH_ROOTS = ("pre_train", "post_train")
+REQUIRED_PRESETS = ("toy", "default")
+QUESTION_KEYS = ("id", "level", "q", "answer", "key_points")
+
+
+@dataclass
+class Module:
+    name: str
+    category: str
+    title: str
+    summary: str
+    presets: dict[str, Any]
+    """preset name -> an instance of the module's Config dataclass"""
+    run: Callable[[Any, Any], dict[str, float]]
+    """run(config, ctx) -> metrics; reports every key of `metrics`"""
+    metrics: dict[str, str]
+    """metric name -> what it measures"""
+    checks: list[Check]
+    depends: tuple[str, ...] = ()
+    path: Path = field(default=ROOT)
+    """the module's folder; set by the registry"""
+
+    @property
+    def config_class(self) -> type:
+        return type(self.presets["default"])
+
+    @property
+    def rel_path(self) -> Path:
+        return self.path.relative_to(ROOT)
+
+
+@dataclass
+class BrokenModule:
+    path: Path
+    error: str
+
+
+class UnknownModule(LookupError):
+    def __init__(self, name: str, known: list[str]):
+        self.name, self.known = name, known
+        self.suggestions = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
+        super().__init__(f"unknown module {name!r}.{hint} Known modules: {', '.join(known)}")
+
+
+def _import_manifest(path: Path, root: Path) -> Any:
+    """Import `root/a/b/module.py` as `a.b.module`; the folders are namespace packages, so a
+    module's `from .code.x import ...` resolves inside its own folder."""
+    dotted = ".".join(path.relative_to(root).with_suffix("").parts)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(dotted)
+
+
+def validate(module: Any, path: Path) -> list[str]:
+    """Contract violations of one manifest (empty when it is valid)."""
+    if not isinstance(module, Module):
+        return [f"MODULE must be a core.registry.Module, got {type(module).__name__}"]
+    folder = path.parent
+    errors = []
+    if module.category != folder.parent.name:
+        errors.append(f"category {module.category!r} does not match its folder {folder.parent.name!r}")
+    for required in ("README.md", "questions.toml"):
+        if not (folder / required).is_file():
+            errors.append(f"missing {required}")
+    if (folder / "questions.toml").is_file():
+        errors.extend(_validate_questions(folder / "questions.toml"))
+    for preset in REQUIRED_PRESETS:
+        if preset not in module.presets:
+            errors.append(f"missing preset {preset!r}")
+    classes = {type(p) for p in module.presets.values()}
+    if len(classes) != 1 or not all(dataclasses.is_dataclass(p) for p in module.presets.values()):
+        errors.append("presets must all be instances of one dataclass")
+    elif "seed" not in {f.name for f in dataclasses.fields(classes.pop())}:
+        errors.append("the config dataclass needs a `seed: int` field")
+    for check in module.checks:
+        for name in filter(None, (check.metric, check.ref)):
+            if name not in module.metrics:
+                errors.append(f"check {check.describe()!r} names {name!r}, which is not a reported metric")
+        for preset in check.presets or ():
+            if preset not in module.presets:
+                errors.append(f"check {check.describe()!r} names unknown preset {preset!r}")
+    return errors
+
+
+def _validate_questions(path: Path) -> list[str]:
+    try:
+        bank = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return [f"questions.toml does not parse: {exc}"]
+    questions = bank.get("question", [])
+    if not questions:
+        return ["questions.toml has no [[question]] entries"]
+    errors = []
+    for i, q in enumerate(questions):
+        missing = [k for k in QUESTION_KEYS if k not in q]
+        if missing:
+            errors.append(f"questions.toml question #{i + 1} ({q.get('id', '?')}) lacks {', '.join(missing)}")
+    return errors
+
+
+@dataclass
+class Registry:
+    modules: dict[str, Module]
+    broken: list[BrokenModule]
+
+    def get(self, name: str) -> Module:
+        if name not in self.modules:
+            raise UnknownModule(name, sorted(self.modules))
+        return self.modules[name]
+
+
+def discover(root: Path = ROOT) -> Registry:
+    modules: dict[str, Module] = {}
+    broken: list[BrokenModule] = []
+    manifests = sorted(p for top in SEARCH_ROOTS for p in (root / top).rglob("module.py"))
+    for path in manifests:
+        try:
+            manifest = getattr(_import_manifest(path, root), "MODULE", None)
+        except Exception:
+            broken.append(BrokenModule(path, "import failed:\n" + traceback.format_exc(limit=-3)))
+            continue
+        if manifest is None:
+            broken.append(BrokenModule(path, "module.py defines no MODULE"))
+            continue
+        errors = validate(manifest, path)
+        if not errors and manifest.name in modules:
+            errors = [f"name {manifest.name!r} already used by {modules[manifest.name].path}"]
+        if errors:
+            broken.append(BrokenModule(path, "; ".join(errors)))
+            continue
+        manifest.path = path.parent
+        modules[manifest.name] = manifest
+    for module in list(modules.values()):
+        unknown = [d for d in module.depends if d not in modules]
+        if unknown:
+            broken.append(BrokenModule(module.path / "module.py", f"depends on unknown modules {unknown}"))
+            del modules[module.name]
+    return Registry(dict(sorted(modules.items())), broken)

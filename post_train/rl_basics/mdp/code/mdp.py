@@ -1,0 +1,230 @@
+"""Value iteration and policy iteration on FrozenLake (Sutton & Barto ch. 4), solved from the
+environment's own model `env.unwrapped.P` and then tested in the real environment.
+
+Bellman optimality backup (value iteration):
+    V_{k+1}(s) = max_a sum_{s'} P(s'|s,a) [ r(s,a,s') + gamma * V_k(s') * (1 - terminal) ]
+Policy iteration alternates
+    evaluation:   V^pi(s) = sum_{s'} P(s'|s,pi(s)) [ r + gamma * V^pi(s') ]   (iterated to a fixed point)
+    improvement:  pi'(s)  = argmax_a Q^pi(s, a)
+The exact check solves the linear Bellman system of the greedy policy in closed form:
+    (I - gamma * P_pi) V = r_pi   =>   V = np.linalg.solve(I - gamma * P_pi, r_pi)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import matplotlib.pyplot as plt
+
+
+@dataclass
+class Config:
+    map_name: Literal["4x4", "8x8"] = "4x4"
+    """FrozenLake map"""
+    is_slippery: bool = True
+    """slippery ice: the intended move happens with probability 1/3, each perpendicular one 1/3"""
+    gamma: float = 0.99
+    """discount factor"""
+    theta: float = 1e-11
+    """stop when the largest Bellman residual of a sweep falls below this"""
+    max_sweeps: int = 100_000
+    """safety cap on sweeps for value iteration and each policy evaluation"""
+    eval_episodes: int = 2000
+    """episodes of the greedy (and of a random) policy played in the real gymnasium env"""
+    gamma_sweep: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
+    """discounts for the success-vs-gamma curve (exact success probabilities from the model)"""
+    seed: int = 0
+    """seed of the evaluation episodes"""
+
+
+ARROWS = {0: "←", 1: "↓", 2: "→", 3: "↑"}  # FrozenLake actions: left, down, right, up
+
+
+def tabular_model(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
+    """From env.unwrapped.P build
+    P[s, a, s'] = probability of moving to a *non-terminal continuation* s' (terminal moves are
+                  dropped, so nothing is bootstrapped after the episode ends), and
+    R[s, a]     = expected immediate reward."""
+    n_s, n_a = env.observation_space.n, env.action_space.n
+    P, R = np.zeros((n_s, n_a, n_s)), np.zeros((n_s, n_a))
+    for s, by_action in env.unwrapped.P.items():
+        for a, outcomes in by_action.items():
+            for prob, s_next, reward, terminated in outcomes:
+                R[s, a] += prob * reward
+                if not terminated:
+                    P[s, a, s_next] += prob
+    # holes and the goal are absorbing: once there, no reward and no continuation
+    for s in terminal_states(env):
+        P[s], R[s] = 0.0, 0.0
+    return P, R
+
+
+def terminal_states(env: gym.Env) -> list[int]:
+    desc = env.unwrapped.desc.flatten()
+    return [i for i, c in enumerate(desc) if c in (b"H", b"G")]
+
+
+def q_values(P: np.ndarray, R: np.ndarray, V: np.ndarray, gamma: float) -> np.ndarray:
+    return R + gamma * P @ V                                      # Q(s,a) = r(s,a) + gamma * E[V(s')]
+
+
+def value_iteration(P, R, gamma, theta, max_sweeps):
+    V = np.zeros(P.shape[0])
+    residuals = []
+    for _ in range(max_sweeps):
+        V_new = q_values(P, R, V, gamma).max(axis=1)              # Bellman optimality backup
+        residuals.append(float(np.abs(V_new - V).max()))
+        V = V_new
+        if residuals[-1] < theta:
+            break
+    return V, q_values(P, R, V, gamma).argmax(axis=1), residuals
+
+
+def policy_evaluation(P, R, policy, gamma, theta, max_sweeps, V=None):
+    """Iterative (not closed-form) evaluation, so the linear solve below stays an independent check."""
+    states = np.arange(P.shape[0])
+    P_pi, R_pi = P[states, policy], R[states, policy]
+    V = np.zeros(P.shape[0]) if V is None else V
+    for sweep in range(1, max_sweeps + 1):
+        V_new = R_pi + gamma * P_pi @ V                           # Bellman expectation backup
+        done = np.abs(V_new - V).max() < theta
+        V = V_new
+        if done:
+            break
+    return V, sweep
+
+
+def policy_iteration(P, R, gamma, theta, max_sweeps):
+    policy = np.zeros(P.shape[0], dtype=int)
+    V, history = None, []
+    while True:
+        V, sweeps = policy_evaluation(P, R, policy, gamma, theta, max_sweeps, V)
+        Q = q_values(P, R, V, gamma)
+        # keep the current action unless another is strictly better: prevents flip-flopping between ties
+        best = Q.argmax(axis=1)
+        improvable = Q[np.arange(len(policy)), best] > Q[np.arange(len(policy)), policy] + 1e-12
+        changed = int(improvable.sum())
+        history.append({"iteration": len(history) + 1, "evaluation_sweeps": sweeps, "actions_changed": changed,
+                        "v_start": float(V[0])})
+        if changed == 0:
+            return V, policy, history
+        policy = np.where(improvable, best, policy)
+
+
+def solve_bellman_linear(P, R, policy, gamma):
+    states = np.arange(P.shape[0])
+    return np.linalg.solve(np.eye(P.shape[0]) - gamma * P[states, policy], R[states, policy])
+
+
+def success_probability(env: gym.Env, P: np.ndarray, policy: np.ndarray, horizon: int) -> float:
+    """Exact probability that `policy` reaches the goal within `horizon` steps (the env's time
+    limit), by propagating the state distribution through the model."""
+    n_s = P.shape[0]
+    goal = int(np.flatnonzero(env.unwrapped.desc.flatten() == b"G")[0])
+    terminals = set(terminal_states(env))
+    full = np.zeros((n_s, n_s))  # transition matrix including the moves into terminal states
+    for s, by_action in env.unwrapped.P.items():
+        if s in terminals:
+            full[s, s] = 1.0
+            continue
+        for prob, s_next, _, _ in by_action[int(policy[s])]:
+            full[s, s_next] += prob
+    dist = np.zeros(n_s)
+    dist[0] = 1.0
+    for _ in range(horizon):
+        dist = dist @ full
+    return float(dist[goal])
+
+
+def play(env: gym.Env, policy: np.ndarray | None, episodes: int, seed: int) -> float:
+    """Fraction of episodes that reach the goal; policy None plays uniformly random actions."""
+    rng = np.random.default_rng(seed)
+    wins = 0
+    for ep in range(episodes):
+        s, _ = env.reset(seed=seed * 1_000_003 + ep)
+        done = False
+        while not done:
+            a = int(policy[s]) if policy is not None else int(rng.integers(env.action_space.n))
+            s, r, terminated, truncated, _ = env.step(a)
+            done = terminated or truncated
+        wins += r > 0
+    return wins / episodes
+
+
+def plot_values(env, V, policy, gamma):
+    desc = env.unwrapped.desc
+    n_rows, n_cols = desc.shape
+    fig, ax = plt.subplots(figsize=(1.3 * n_cols + 1, 1.3 * n_rows))
+    im = ax.imshow(V.reshape(n_rows, n_cols), cmap="viridis")
+    fig.colorbar(im, ax=ax, label="V*(s)")
+    for i in range(n_rows):
+        for j in range(n_cols):
+            cell, s = desc[i, j].decode(), i * n_cols + j
+            label = cell if cell in "HG" else f"{ARROWS[int(policy[s])]}\n{V[s]:.2f}"
+            # dark text on the bright end of viridis, white elsewhere (terminal cells have V = 0: dark)
+            color = "black" if im.norm(V[s]) > 0.6 else "white"
+            ax.text(j, i, label, ha="center", va="center", color=color, fontsize=10)
+    ax.set_title(f"FrozenLake V* and greedy policy (gamma={gamma})")
+    ax.set_xticks([]), ax.set_yticks([])
+    return fig
+
+
+def plot_convergence(residuals, pi_history):
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a1.semilogy(np.arange(1, len(residuals) + 1), residuals)
+    a1.set(xlabel="sweep", ylabel="max |V_{k+1} - V_k|", title="value iteration: Bellman residual")
+    a2.bar([h["iteration"] for h in pi_history], [h["actions_changed"] for h in pi_history])
+    a2.set(xlabel="policy-iteration step", ylabel="actions changed",
+           title=f"policy iteration: converged in {len(pi_history)} steps")
+    return fig
+
+
+def run(cfg: Config, ctx) -> dict[str, float]:
+    env = gym.make("FrozenLake-v1", map_name=cfg.map_name, is_slippery=cfg.is_slippery)
+    P, R = tabular_model(env)
+
+    V_vi, pi_vi, residuals = value_iteration(P, R, cfg.gamma, cfg.theta, cfg.max_sweeps)
+    V_pi, pi_pi, pi_history = policy_iteration(P, R, cfg.gamma, cfg.theta, cfg.max_sweeps)
+    V_exact = solve_bellman_linear(P, R, pi_vi, cfg.gamma)
+    for k, r in enumerate(residuals, 1):
+        ctx.log("vi_convergence", sweep=k, bellman_residual=r)
+    for row in pi_history:
+        ctx.log("policy_iteration", **row)
+
+    horizon = env.spec.max_episode_steps
+    success = play(env, pi_vi, cfg.eval_episodes, cfg.seed)
+    success_model = success_probability(env, P, pi_vi, horizon)
+    stderr = np.sqrt(max(success_model * (1 - success_model), 1e-12) / cfg.eval_episodes)
+    random_success = play(env, None, cfg.eval_episodes, cfg.seed + 1)
+
+    for gamma in cfg.gamma_sweep:
+        _, pi_g, _ = value_iteration(P, R, gamma, cfg.theta, cfg.max_sweeps)
+        ctx.log("gamma_sweep", gamma=gamma, success_probability=success_probability(env, P, pi_g, horizon))
+
+    ctx.save_figure(plot_values(env, V_vi, pi_vi, cfg.gamma), "values_policy.png")
+    ctx.save_figure(plot_convergence(residuals, pi_history), "convergence.png")
+    sweep = ctx.tables["gamma_sweep"]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    xs, ys = [1 - r["gamma"] for r in sweep], [r["success_probability"] for r in sweep]
+    ax.semilogx(xs, ys, "o-")
+    for x, y, r in zip(xs, ys, sweep):
+        ax.annotate(f"γ={r['gamma']:g}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    ax.invert_xaxis()
+    ax.set(xlabel="1 - gamma (log scale; far-sighted to the right)", ylabel=f"P(goal within {horizon} steps)", title="myopic agents fail more")
+    ctx.save_figure(fig, "success_vs_gamma.png")
+
+    ctx.say(f"V*(start)={V_vi[0]:.4f}  VI sweeps={len(residuals)}  PI steps={len(pi_history)}  "
+            f"greedy success {success:.3f} (model says {success_model:.3f}), random {random_success:.3f}")
+    return {
+        "vi_sweeps": len(residuals),
+        "pi_iterations": len(pi_history),
+        "v_start": float(V_vi[0]),
+        "vi_pi_max_abs_diff": float(np.abs(V_vi - V_pi).max()),
+        "bellman_solve_max_abs_diff": float(np.abs(V_vi - V_exact).max()),
+        "success_rate": success,
+        "success_rate_model": success_model,
+        "success_z": float(abs(success - success_model) / stderr),
+        "random_success_rate": random_success,
+    }

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Finetune command line: list modules, show one, run one.
+
+    python run.py --list
+    python run.py --info mdp
+    python run.py --module mdp --help          # config fields and presets; runs nothing
+    python run.py --module mdp --toy
+    python run.py --module td_learning --set episodes=300 --set alpha=0.3
+    python run.py --module gae --preset default --seed 3
+
+Exit status: 0 every check passed, 1 a check failed, 2 bad input (unknown module, key or value),
+130 interrupted (a resumable module keeps its checkpoint: rerun with --set resume=true).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tomllib
+from datetime import datetime, timezone
+
+from rich.console import Console
+from rich.table import Table
+
+from core.artifacts import CorruptArtifact
+from core.config import ConfigError, field_docs, field_types, type_name
+from core.registry import Module, Registry, UnknownModule, discover
+from core.run_context import ResumeMismatch, RunResult, execute, read_run_index
+
+# piped output (CI logs, tests) gets wide tables instead of rich's 80-column default
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Finetune: run and inspect learning modules.", add_help=False)
+    p.add_argument("-h", "--help", action="store_true", help="this help; with --module, the module's config")
+    p.add_argument("--list", action="store_true", help="table of modules with their last runs")
+    p.add_argument("--info", metavar="NAME", help="what a module shows, its metrics, checks and presets")
+    p.add_argument("--module", metavar="NAME", help="the module to run")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--toy", action="store_true", help="shortcut for --preset toy (seconds on a CPU)")
+    group.add_argument("--preset", default=None, help="preset to start from (default: 'default')")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field (repeatable); see --module NAME --help")
+    p.add_argument("--seed", type=int, default=None, help="random seed (overrides the preset's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    args.parser = p
+    return args
+
+
+def ago(iso: str) -> str:
+    seconds = (datetime.now(timezone.utc) - datetime.fromisoformat(iso)).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return "just now"
+
+
+def last_run_cell(entry: dict | None) -> str:
+    if entry is None:
+        return "[dim]never[/]"
+    colour = "green" if entry["status"] == "passed" else "red"
+    return (f"[{colour}]{entry['checks_passed']}/{entry['checks_total']} checks[/] "
+            f"{entry['wall_time_s']:.1f}s, {ago(entry['finished_at'])}")
+
+
+def cmd_list(registry: Registry) -> int:
+    index = read_run_index()
+    table = Table(title="Finetune modules", show_lines=False)
+    for col in ("module", "category", "title", "last toy run", "last default run"):
+        table.add_column(col)
+    for name, m in registry.modules.items():
+        runs = index.get(name, {})
+        table.add_row(name, m.category, m.title, last_run_cell(runs.get("toy")), last_run_cell(runs.get("default")))
+    console.print(table)
+    report_broken(registry)
+    console.print("Run one: [bold]python run.py --module NAME --toy[/]   Details: python run.py --info NAME")
+    return 0
+
+
+def report_broken(registry: Registry) -> None:
+    for broken in registry.broken:
+        err.print(f"[red]broken module manifest[/] {broken.path}: {broken.error}")
+
+
+def cmd_info(m: Module) -> int:
+    console.print(f"[bold]{m.name}[/] — {m.title}  [dim]({m.category}, {m.rel_path})[/]\n{m.summary}\n")
+    metrics = Table(title="metrics it reports")
+    metrics.add_column("metric")
+    metrics.add_column("meaning")
+    for name, meaning in m.metrics.items():
+        metrics.add_row(name, meaning)
+    console.print(metrics)
+    checks = Table(title="checks a correct run must pass")
+    for col in ("check", "presets", "why"):
+        checks.add_column(col)
+    for c in m.checks:
+        checks.add_row(c.describe(), ",".join(c.presets or ["all"]) + (" (conditional)" if c.when else ""), c.why)
+    console.print(checks)
+    bank = tomllib.loads((m.path / "questions.toml").read_text(encoding="utf-8"))
+    console.print(f"presets: {', '.join(m.presets)}   depends: {', '.join(m.depends) or 'nothing'}   "
+                  f"interview questions: {len(bank.get('question', []))}")
+    console.print(f"theory: {m.rel_path / 'README.md'}")
+    runs = read_run_index().get(m.name, {})
+    for preset, entry in runs.items():
+        console.print(f"last {preset} run: {last_run_cell(entry)} → {entry['out_dir']}")
+    return 0
+
+
+def cmd_module_help(m: Module) -> int:
+    cls = m.config_class
+    docs, types_ = field_docs(cls), field_types(cls)
+    table = Table(title=f"{m.name}: config fields (--set KEY=VALUE)")
+    table.add_column("key")
+    table.add_column("type")
+    for preset in m.presets:
+        table.add_column(preset)
+    table.add_column("meaning")
+    for f in dataclasses.fields(cls):
+        values = [repr(getattr(p, f.name)) for p in m.presets.values()]
+        table.add_row(f.name, type_name(types_[f.name]), *values, docs.get(f.name, ""))
+    console.print(f"[bold]{m.name}[/] — {m.title}\n{m.summary}\n")
+    console.print(table)
+    console.print(f"usage: python run.py --module {m.name} [--toy | --preset {'|'.join(m.presets)}] "
+                  f"[--set KEY=VALUE]... [--seed N]")
+    return 0
+
+
+def print_result(result: RunResult) -> None:
+    metrics = Table(title=f"{result.module} [{result.preset}] metrics ({result.wall_time_s:.1f}s)")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for k, v in result.metrics.items():
+        metrics.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    console.print(metrics)
+    checks = Table(title="checks")
+    for col in ("", "check", "actual", "target", "why"):
+        checks.add_column(col)
+    for c in result.checks:
+        fmt = lambda x: f"{x:.6g}" if isinstance(x, float) else str(x)  # noqa: E731
+        checks.add_row("[green]PASS[/]" if c["passed"] else "[red]FAIL[/]", c["check"],
+                       fmt(c["actual"]), fmt(c["target"]), c["why"])
+    console.print(checks)
+    console.print(f"artifacts: {result.out_dir}")
+
+
+def cmd_run(m: Module, args: argparse.Namespace) -> int:
+    preset = "toy" if args.toy else (args.preset or "default")
+    console.print(f"[bold]{m.name}[/] — {m.title}  preset=[cyan]{preset}[/]"
+                  + (f"  overrides={args.overrides}" if args.overrides else ""))
+    try:
+        result = execute(m, preset, args.overrides, args.seed, args.threads, console)
+    except (ConfigError, KeyError) as exc:
+        err.print(f"[red]error:[/] {exc.args[0] if isinstance(exc, KeyError) else exc}")
+        err.print(f"see: python run.py --module {m.name} --help")
+        return 2
+    except (ResumeMismatch, CorruptArtifact) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted.[/] Modules that checkpoint keep their state: rerun with --set resume=true")
+        return 130
+    print_result(result)
+    return 0 if result.passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help and not args.module:
+        args.parser.print_help()
+        return 0
+    registry = discover()
+    if args.list:
+        return cmd_list(registry)
+    name = args.info or args.module
+    if not name:
+        args.parser.print_help()
+        return 2
+    try:
+        module = registry.get(name)
+    except UnknownModule as exc:
+        err.print(f"[red]error:[/] {exc}")
+        report_broken(registry)
+        return 2
+    if args.info:
+        return cmd_info(module)
+    if args.help:
+        return cmd_module_help(module)
+    return cmd_run(module, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
