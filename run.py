@@ -20,6 +20,7 @@ import tomllib
 from datetime import datetime, timezone
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.artifacts import CorruptArtifact
@@ -86,18 +87,19 @@ def report_broken(registry: Registry) -> None:
 
 
 def cmd_info(m: Module) -> int:
-    console.print(f"[bold]{m.name}[/] — {m.title}  [dim]({m.category}, {m.rel_path})[/]\n{m.summary}\n")
+    console.print(f"[bold]{m.name}[/] — {escape(m.title)}  [dim]({m.category}, {m.rel_path})[/]\n{escape(m.summary)}\n")
     metrics = Table(title="metrics it reports")
     metrics.add_column("metric")
     metrics.add_column("meaning")
     for name, meaning in m.metrics.items():
-        metrics.add_row(name, meaning)
+        metrics.add_row(name, escape(meaning))
     console.print(metrics)
     checks = Table(title="checks a correct run must pass")
     for col in ("check", "presets", "why"):
         checks.add_column(col)
     for c in m.checks:
-        checks.add_row(c.describe(), ",".join(c.presets or ["all"]) + (" (conditional)" if c.when else ""), c.why)
+        checks.add_row(c.describe(), ",".join(c.presets or ["all"]) + (" (conditional)" if c.when else ""),
+                       escape(c.why))
     console.print(checks)
     bank = tomllib.loads((m.path / "questions.toml").read_text(encoding="utf-8"))
     console.print(f"presets: {', '.join(m.presets)}   depends: {', '.join(m.depends) or 'nothing'}   "
@@ -120,8 +122,8 @@ def cmd_module_help(m: Module) -> int:
     table.add_column("meaning")
     for f in dataclasses.fields(cls):
         values = [repr(getattr(p, f.name)) for p in m.presets.values()]
-        table.add_row(f.name, type_name(types_[f.name]), *values, docs.get(f.name, ""))
-    console.print(f"[bold]{m.name}[/] — {m.title}\n{m.summary}\n")
+        table.add_row(f.name, escape(type_name(types_[f.name])), *map(escape, values), escape(docs.get(f.name, "")))
+    console.print(f"[bold]{m.name}[/] — {escape(m.title)}\n{escape(m.summary)}\n")
     console.print(table)
     console.print(f"usage: python run.py --module {m.name} [--toy | --preset {'|'.join(m.presets)}] "
                   f"[--set KEY=VALUE]... [--seed N]")
@@ -141,7 +143,7 @@ def print_result(result: RunResult) -> None:
     for c in result.checks:
         fmt = lambda x: f"{x:.6g}" if isinstance(x, float) else str(x)  # noqa: E731
         checks.add_row("[green]PASS[/]" if c["passed"] else "[red]FAIL[/]", c["check"],
-                       fmt(c["actual"]), fmt(c["target"]), c["why"])
+                       fmt(c["actual"]), fmt(c["target"]), escape(c["why"]))
     console.print(checks)
     console.print(f"artifacts: {result.out_dir}")
 

@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import importlib
 import sys
-import tomllib
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +17,10 @@ from typing import Any, Callable
 
 from core.checks import Check
 from core.paths import ROOT
+from core.questions import BankError, parse_bank
 
 SEARCH_ROOTS = ("pre_train", "post_train")
 REQUIRED_PRESETS = ("toy", "default")
-QUESTION_KEYS = ("id", "level", "q", "answer", "key_points")
 
 
 @dataclass
@@ -38,6 +37,9 @@ class Module:
     """metric name -> what it measures"""
     checks: list[Check]
     depends: tuple[str, ...] = ()
+    threads: int | None = None
+    """torch CPU threads the module runs with unless --threads says otherwise (None: torch's
+    default). Tiny networks run faster on one thread, and then results do not depend on the core count."""
     path: Path = field(default=ROOT)
     """the module's folder; set by the registry"""
 
@@ -85,7 +87,7 @@ def validate(module: Any, path: Path) -> list[str]:
         if not (folder / required).is_file():
             errors.append(f"missing {required}")
     if (folder / "questions.toml").is_file():
-        errors.extend(_validate_questions(folder / "questions.toml"))
+        errors.extend(_validate_questions(folder / "questions.toml", module.name))
     for preset in REQUIRED_PRESETS:
         if preset not in module.presets:
             errors.append(f"missing preset {preset!r}")
@@ -104,20 +106,12 @@ def validate(module: Any, path: Path) -> list[str]:
     return errors
 
 
-def _validate_questions(path: Path) -> list[str]:
+def _validate_questions(path: Path, module_name: str) -> list[str]:
     try:
-        bank = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        return [f"questions.toml does not parse: {exc}"]
-    questions = bank.get("question", [])
-    if not questions:
-        return ["questions.toml has no [[question]] entries"]
-    errors = []
-    for i, q in enumerate(questions):
-        missing = [k for k in QUESTION_KEYS if k not in q]
-        if missing:
-            errors.append(f"questions.toml question #{i + 1} ({q.get('id', '?')}) lacks {', '.join(missing)}")
-    return errors
+        parse_bank(path, module_name)
+    except BankError as exc:
+        return [f"questions.toml: {exc}"]
+    return []
 
 
 @dataclass

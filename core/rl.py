@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 
+@torch.no_grad()  # advantages and targets are constants in the losses that use them
 def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
         gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages and value targets for a rollout of T steps (any trailing batch shape).
@@ -26,12 +27,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_v
 
     A time-limit truncation is not a true end: add gamma * V(s_final) to that step's reward and set
     its done flag, so the return is cut off but the tail is still estimated.
+
+    Inputs are promoted to a floating type (integer rewards are fine); no gradient flows through
+    the outputs, so a loss cannot train the critic through its own advantage targets.
     """
-    not_done = 1.0 - dones.to(values.dtype)
+    dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
+    rewards, values, last_value = rewards.to(dtype), values.to(dtype), last_value.to(dtype)
+    not_done = 1.0 - dones.to(dtype)
     next_values = torch.cat([values[1:], last_value.unsqueeze(0)], dim=0)
     deltas = rewards + gamma * next_values * not_done - values
     advantages = torch.zeros_like(values)
-    running = torch.zeros_like(last_value, dtype=values.dtype)
+    running = torch.zeros_like(last_value)
     for t in reversed(range(rewards.shape[0])):  # O(T), vectorised over the batch dims
         running = deltas[t] + gamma * lam * not_done[t] * running
         advantages[t] = running

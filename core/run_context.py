@@ -39,6 +39,7 @@ from core.plots import save_figure
 from core.registry import Module
 
 VERSIONED_PACKAGES = ("torch", "numpy", "gymnasium", "matplotlib", "pandas", "rich")
+RESUME_FREE_FIELDS = ("resume", "checkpoint_every")
 
 
 class ResumeMismatch(RuntimeError):
@@ -118,7 +119,8 @@ class RunContext:
 
     # --- checkpoint / resume --------------------------------------------------------------------
     def _comparable_config(self) -> dict[str, Any]:
-        return {k: v for k, v in to_dict(self.config).items() if k != "resume"}
+        """The fields a checkpoint must agree on: all but those that do not change the results."""
+        return {k: v for k, v in to_dict(self.config).items() if k not in RESUME_FREE_FIELDS}
 
     def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
         """Save `state` plus the logged history and global RNG states; `step` is the number of
@@ -193,11 +195,15 @@ def execute(module: Module, preset: str = "toy", overrides: list[str] = (), seed
     config = build_config(module, preset, overrides, seed)
     ctx = RunContext(module, preset, config, console)
     seed_everything(config.seed)
-    if threads:
-        torch.set_num_threads(threads)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or module.threads or previous_threads)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    metrics = module.run(config, ctx)
+    try:
+        metrics = module.run(config, ctx)
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous_threads)
     wall = time.perf_counter() - t0
 
     missing = sorted(set(module.metrics) - set(metrics))
@@ -216,7 +222,7 @@ def execute(module: Module, preset: str = "toy", overrides: list[str] = (), seed
     record = {
         "run_id": run_id, "module": module.name, "preset": preset, "config": to_dict(config),
         "overrides": list(overrides), "seed": config.seed, "started_at": started.isoformat(),
-        "wall_time_s": round(wall, 3), "threads": torch.get_num_threads(),
+        "wall_time_s": round(wall, 3), "threads": used_threads,
         "resumed_from_step": ctx.resumed_from, "status": status, "checks": checks,
         "checks_skipped": skipped, "metrics": metrics,
         "artifacts": sorted({*ctx.files, *(f"{t}.csv" for t in ctx.tables), "metrics.json"}),

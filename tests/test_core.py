@@ -163,8 +163,11 @@ def test_a_valid_manifest_passes_validation(tmp_path):
     ({}, {"category": "other"}, "does not match its folder"),
     ({}, {"readme": False}, "missing README.md"),
     ({}, {"questions": None}, "missing questions.toml"),
-    ({}, {"questions": "[[question]]\nid = 'x'\n"}, "lacks level, q, answer, key_points"),
-    ({}, {"questions": "not toml ["}, "does not parse"),
+    ({}, {"questions": "[[question]]\nid = 'x'\n"}, "question #1 (x): KeyError('level')"),
+    ({}, {"questions": "[[question]]\nid = 'x'\nlevel = 4\nq = 'q'\nanswer = 'a'\nkey_points = []\n"},
+     "level must be 1, 2 or 3"),
+    ({}, {"questions": QUESTIONS + "follow_ups = ['demo-nope']\n"}, "follow-ups not in this bank"),
+    ({}, {"questions": "not toml ["}, "Expected '='"),
     ({"presets": {"default": DemoConfig()}}, {}, "missing preset 'toy'"),
     ({"checks": [Check("accuracy", ">", 0.9)]}, {}, "'accuracy', which is not a reported metric"),
     ({"checks": [Check("loss", "<", ref="baseline")]}, {}, "'baseline', which is not a reported metric"),
@@ -200,7 +203,7 @@ def test_a_broken_manifest_is_reported_and_the_rest_still_list(tmp_path, monkeyp
 
 def test_the_shipped_modules_are_all_valid(registry):
     assert registry.broken == []
-    assert "mdp" in registry.modules
+    assert {"mdp", "td_learning", "gae", "advantage"} <= set(registry.modules)
 
 
 # --- run context --------------------------------------------------------------------------------

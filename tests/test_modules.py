@@ -1,14 +1,22 @@
-"""Every registered module's toy preset runs, passes its checks and is deterministic.
+"""Every registered module's toy preset runs, passes its checks and is deterministic; every module
+that can resume ends an interrupted run with the same artifacts as an uninterrupted one.
 
 Parametrised over the registry, so a module added later is covered without editing this file."""
 from __future__ import annotations
+
+import dataclasses
+import json
 
 import pytest
 
 from conftest import read_metrics
 from core.registry import discover
+from core.run_context import RunContext
 
-MODULES = sorted(discover().modules)
+REGISTRY = discover()
+MODULES = sorted(REGISTRY.modules)
+RESUMABLE = [name for name in MODULES
+             if "resume" in {f.name for f in dataclasses.fields(REGISTRY.modules[name].config_class)}]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -21,3 +29,37 @@ def test_toy_preset_passes_its_checks_and_repeats_exactly(name, run_module, work
     monkeypatch.setenv("FINETUNE_WORKDIR", str(tmp_path / "again"))
     second = run_module(name, "toy")
     assert read_metrics(second) == read_metrics(first), f"{name}: same seed, different metrics"
+
+
+@pytest.mark.parametrize("name", RESUMABLE)
+def test_an_interrupted_run_resumes_to_identical_artifacts(name, run_module, monkeypatch, tmp_path):
+    original_save = RunContext.save_checkpoint
+    saved_steps: list[int] = []
+
+    def counting_save(self, step, state):
+        original_save(self, step, state)
+        saved_steps.append(step)
+
+    monkeypatch.setattr(RunContext, "save_checkpoint", counting_save)
+    monkeypatch.setenv("FINETUNE_WORKDIR", str(tmp_path / "straight"))
+    straight = run_module(name, "toy")
+    assert len(saved_steps) >= 2, f"{name}: the toy preset should checkpoint at least twice"
+    stop_at = saved_steps[len(saved_steps) // 2 - 1]
+
+    def save_then_crash(self, step, state):
+        original_save(self, step, state)
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunContext, "save_checkpoint", save_then_crash)
+    monkeypatch.setenv("FINETUNE_WORKDIR", str(tmp_path / "resumed"))
+    with pytest.raises(KeyboardInterrupt):
+        run_module(name, "toy")
+    monkeypatch.setattr(RunContext, "save_checkpoint", original_save)
+    resumed = run_module(name, "toy", ["resume=true"])
+
+    assert json.loads((resumed.out_dir / "run.json").read_text())["resumed_from_step"] == stop_at
+    written = sorted(p.name for p in straight.out_dir.iterdir() if p.suffix in (".csv", ".json") and p.name != "run.json")
+    assert "metrics.json" in written
+    for file in written:
+        assert (resumed.out_dir / file).read_bytes() == (straight.out_dir / file).read_bytes(), f"{name}: {file}"
