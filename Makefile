@@ -1,4 +1,4 @@
-# Two commands do everything on a fresh machine (Python >= 3.10 with pip and venv):
+# Two commands do everything on a fresh machine (Python >= 3.11 with pip and venv):
 #   make demo   create .venv if absent, install, run the main job
 #   make test   create .venv if absent, install, run the whole test suite
 PYTHON ?= python3

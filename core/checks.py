@@ -49,11 +49,11 @@ class Check:
     def evaluate(self, metrics: dict[str, Any]) -> dict[str, Any]:
         actual = metrics.get(self.metric)
         target = metrics.get(self.ref) if self.ref is not None else self.value
-        ok = (_is_number(actual) and _is_number(target)
+        ok = (is_number(actual) and is_number(target)
               and OPS[self.op](float(actual), float(target)))
         return {"check": self.describe(), "metric": self.metric, "op": self.op,
                 "actual": actual, "target": target, "passed": bool(ok), "why": self.why}
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

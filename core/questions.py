@@ -51,6 +51,8 @@ def parse_bank(path: Path, module_name: str) -> list[Question]:
             level = int(item["level"])
             if level not in LEVELS:
                 raise ValueError(f"level must be 1, 2 or 3, got {level}")
+            if not item["key_points"]:
+                raise ValueError("key_points is empty: the grader needs something to look for")
             questions.append(Question(id=str(item["id"]), module=module_name, level=level, q=item["q"],
                                       answer=item["answer"], key_points=tuple(item["key_points"]),
                                       follow_ups=tuple(item.get("follow_ups", ()))))

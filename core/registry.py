@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from core.brief_text import BriefTextError, parse_brief_text
 from core.checks import Check
 from core.paths import ROOT
 from core.questions import BankError, parse_bank
@@ -83,11 +84,16 @@ def validate(module: Any, path: Path) -> list[str]:
     errors = []
     if module.category != folder.parent.name:
         errors.append(f"category {module.category!r} does not match its folder {folder.parent.name!r}")
-    for required in ("README.md", "questions.toml"):
+    for required in ("README.md", "questions.toml", "brief.toml"):
         if not (folder / required).is_file():
             errors.append(f"missing {required}")
     if (folder / "questions.toml").is_file():
         errors.extend(_validate_questions(folder / "questions.toml", module.name))
+    if (folder / "brief.toml").is_file():
+        try:
+            parse_brief_text(folder / "brief.toml")
+        except BriefTextError as exc:
+            errors.append(f"brief.toml: {exc}")
     for preset in REQUIRED_PRESETS:
         if preset not in module.presets:
             errors.append(f"missing preset {preset!r}")

@@ -10,10 +10,18 @@ Generalized Advantage Estimation", eq. 16):
 
 lambda = 0 gives the one-step TD error (low variance, biased by V's errors); lambda = 1 gives the
 Monte-Carlo return minus V(s_t) (unbiased for the policy gradient, high variance).
+
+`play_episodes` collects batches of complete episodes from a discrete-action gymnasium env, the
+unit of data of Monte-Carlo policy-gradient learners (REINFORCE and the advantage study).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
 import torch
+from torch import nn
 
 
 @torch.no_grad()  # advantages and targets are constants in the losses that use them
@@ -49,3 +57,62 @@ def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float)
     lambda = 1 and V = 0."""
     zeros = torch.zeros_like(rewards)
     return gae(rewards, zeros, dones, zeros[0], gamma, 1.0)[0]
+
+
+# --- batches of complete episodes ----------------------------------------------------------------
+@dataclass
+class EpisodeBatch:
+    """Time-major (T, N): N complete episodes padded to the longest, T steps."""
+    obs: torch.Tensor         # (T, N, obs_dim) s_t
+    actions: torch.Tensor     # (T, N)    a_t
+    rewards: torch.Tensor     # (T, N)    r_t (0 on padding)
+    terminated: torch.Tensor  # (T, N)    a true end with step t: V(s_{t+1}) = 0
+    truncated: torch.Tensor   # (T, N)    the time limit hit with step t: not a true end
+    valid: torch.Tensor       # (T, N)    step t belongs to the episode
+    final_obs: torch.Tensor   # (N, obs_dim) the state after the last step (bootstrap of a truncation)
+
+    @property
+    def dones(self) -> torch.Tensor:
+        """Nothing is propagated across an episode end, nor out of the padding."""
+        return (self.terminated | self.truncated | ~self.valid).float()
+
+    @property
+    def episode_returns(self) -> np.ndarray:
+        return self.rewards.sum(0).numpy()
+
+
+@torch.no_grad()
+def play_episodes(policy: nn.Module | None, n_episodes: int, seed: int, env_id: str = "CartPole-v1",
+                  greedy: bool = False) -> EpisodeBatch:
+    """Play `n_episodes` complete episodes in parallel, sampling actions from softmax(policy(s))
+    (None: uniformly random), or taking argmax policy(s) when `greedy` (policy may then output
+    logits or Q-values alike). One sub-env per episode, all reset once from `seed`, so no env state
+    crosses batches and the batch is a function of (policy, seed) alone; a sub-env that finished
+    keeps stepping (it auto-resets) but those steps are masked out."""
+    env_seed, action_seed = np.random.SeedSequence(seed).generate_state(2)
+    rng = np.random.default_rng(action_seed)
+    envs = gym.make_vec(env_id, num_envs=n_episodes, vectorization_mode="vector_entry_point")
+    n_actions = int(envs.single_action_space.n)
+    obs, _ = envs.reset(seed=int(env_seed))
+    finished = np.zeros(n_episodes, dtype=bool)
+    final_obs = np.zeros_like(obs)
+    steps = []
+    while not finished.all():
+        if policy is None:
+            probs = np.full((n_episodes, n_actions), 1.0 / n_actions)
+        elif greedy:
+            probs = nn.functional.one_hot(policy(torch.from_numpy(obs)).argmax(-1), n_actions).double().numpy()
+        else:
+            probs = torch.softmax(policy(torch.from_numpy(obs)), dim=-1).numpy()
+        # inverse-CDF sampling with our own generator: reproducible from `seed` alone
+        actions = (rng.random((n_episodes, 1)) > probs.cumsum(1)[:, :-1]).sum(1)
+        next_obs, reward, terminated, truncated, _ = envs.step(actions)
+        alive = ~finished
+        steps.append((obs, actions, reward * alive, terminated & alive, truncated & alive, alive))
+        ended = (terminated | truncated) & alive
+        final_obs[ended] = next_obs[ended]
+        finished |= ended
+        obs = next_obs
+    envs.close()
+    columns = [torch.from_numpy(np.stack(c)) for c in zip(*steps)]
+    return EpisodeBatch(*columns, final_obs=torch.from_numpy(final_obs))

@@ -226,7 +226,7 @@ def execute(module: Module, preset: str = "toy", overrides: list[str] = (), seed
         "resumed_from_step": ctx.resumed_from, "status": status, "checks": checks,
         "checks_skipped": skipped, "metrics": metrics,
         "artifacts": sorted({*ctx.files, *(f"{t}.csv" for t in ctx.tables), "metrics.json"}),
-        "versions": _versions(), "git": _git_state(),
+        "versions": versions(), "git": git_state(),
     }
     artifacts.write_json(ctx.out_dir / "run.json", record)
     _update_index(module, preset, ctx.out_dir, record)
@@ -262,7 +262,7 @@ def latest_run(module: str, preset: str) -> dict[str, Any] | None:
     return artifacts.read_json(run_json) if run_json.exists() else None
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in VERSIONED_PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -270,7 +270,7 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _git_state() -> dict[str, Any]:
+def git_state() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     try:

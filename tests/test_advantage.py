@@ -8,17 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from core.rl import gae
+from core.rl import EpisodeBatch, gae, play_episodes
 from post_train.rl_basics.advantage.code.advantage import (
-    Batch, Config, estimate_advantages, n_step_advantages, per_episode_gradients, per_step_logp_grads, rollout,
+    Config, estimate_advantages, n_step_advantages, per_episode_gradients, per_step_logp_grads,
     td_errors,
 )
 
-def one_column_batch(rewards, terminated, truncated=None, valid=None, final_obs=0.0) -> Batch:
+def one_column_batch(rewards, terminated, truncated=None, valid=None, final_obs=0.0) -> EpisodeBatch:
     """A batch with a single column (N=1) holding the given per-step flags."""
     T = len(rewards)
     column = lambda xs, dtype: torch.tensor(xs, dtype=dtype).reshape(T, 1)  # noqa: E731
-    return Batch(
+    return EpisodeBatch(
         obs=torch.zeros(T, 1, 4), actions=torch.zeros(T, 1, dtype=torch.long),
         rewards=column(rewards, torch.float32), terminated=column(terminated, torch.bool),
         truncated=column(truncated or [False] * T, torch.bool), valid=column(valid or [True] * T, torch.bool),
@@ -108,7 +108,7 @@ def test_per_episode_gradient_of_a_linear_softmax_policy_matches_the_closed_form
 
 
 def test_rollout_plays_complete_reproducible_episodes():
-    batch = rollout(None, 8, seed=3)
+    batch = play_episodes(None, 8, seed=3)
     lengths = batch.valid.sum(0)
     # valid steps are a prefix of each column, each ending with exactly one episode end
     assert torch.equal(batch.valid, torch.arange(batch.valid.shape[0]).unsqueeze(1) < lengths)
@@ -117,5 +117,5 @@ def test_rollout_plays_complete_reproducible_episodes():
     # a terminated episode's final state is outside the allowed cart position / pole angle
     x, theta = batch.final_obs[:, 0], batch.final_obs[:, 2]
     assert bool(((x.abs() > 2.4) | (theta.abs() > 12 * np.pi / 180)).all())
-    again = rollout(None, 8, seed=3)
+    again = play_episodes(None, 8, seed=3)
     assert torch.equal(batch.obs, again.obs) and torch.equal(batch.actions, again.actions)

@@ -143,15 +143,19 @@ def _module(**changes) -> Module:
 
 
 QUESTIONS = '[[question]]\nid = "demo-q"\nlevel = 1\nq = "?"\nanswer = "!"\nkey_points = ["x"]\n'
+BRIEF_SECTION = 'definition = "d"\nhow_it_works = "h"\npitfalls = ["p"]\ncomparison_q = "c?"\ncomparison = "c"\n'
+BRIEF = f"[en]\n{BRIEF_SECTION}[zh]\n{BRIEF_SECTION}"
 
 
-def _folder(tmp_path: Path, category="cat", readme=True, questions=QUESTIONS) -> Path:
+def _folder(tmp_path: Path, category="cat", readme=True, questions=QUESTIONS, brief=BRIEF) -> Path:
     folder = tmp_path / category / "demo"
     folder.mkdir(parents=True)
     if readme:
         (folder / "README.md").write_text("# demo")
     if questions is not None:
         (folder / "questions.toml").write_text(questions)
+    if brief is not None:
+        (folder / "brief.toml").write_text(brief, encoding="utf-8")
     return folder / "module.py"
 
 
@@ -168,6 +172,13 @@ def test_a_valid_manifest_passes_validation(tmp_path):
      "level must be 1, 2 or 3"),
     ({}, {"questions": QUESTIONS + "follow_ups = ['demo-nope']\n"}, "follow-ups not in this bank"),
     ({}, {"questions": "not toml ["}, "Expected '='"),
+    ({}, {"brief": None}, "missing brief.toml"),
+    ({}, {"brief": f"[en]\n{BRIEF_SECTION}"}, "no [zh] table"),
+    ({}, {"brief": BRIEF.replace('how_it_works = "h"\n', "", 1)}, "[en] lacks how_it_works"),
+    ({}, {"brief": BRIEF.replace('pitfalls = ["p"]', "pitfalls = []")}, "[en] pitfalls must be a non-empty list"),
+    ({}, {"brief": f"[en]\n{BRIEF_SECTION}[zh]\n" + BRIEF_SECTION.replace('comparison = "c"', 'comparison = " "')},
+     "[zh] comparison must be a non-empty string"),
+    ({}, {"brief": "[en\n"}, "Expected ']'"),
     ({"presets": {"default": DemoConfig()}}, {}, "missing preset 'toy'"),
     ({"checks": [Check("accuracy", ">", 0.9)]}, {}, "'accuracy', which is not a reported metric"),
     ({"checks": [Check("loss", "<", ref="baseline")]}, {}, "'baseline', which is not a reported metric"),
@@ -186,6 +197,7 @@ def test_a_broken_manifest_is_reported_and_the_rest_still_list(tmp_path, monkeyp
         folder.mkdir(parents=True)
         (folder / "README.md").write_text("# x")
         (folder / "questions.toml").write_text(QUESTIONS)
+        (folder / "brief.toml").write_text(BRIEF)
     (good / "module.py").write_text(textwrap.dedent("""
         from core.checks import Check
         from core.registry import Module

@@ -27,14 +27,13 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-import gymnasium as gym
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from core.rl import discounted_returns, gae
+from core.rl import EpisodeBatch, discounted_returns, gae, play_episodes
 
 
 @dataclass
@@ -99,63 +98,6 @@ def mlp(n_out: int, hidden: int, seed: int) -> nn.Module:
         return nn.Sequential(nn.Linear(OBS_DIM, hidden), nn.Tanh(), nn.Linear(hidden, n_out))
 
 
-# --- rollouts: batches of complete episodes -------------------------------------------------------
-@dataclass
-class Batch:
-    """Time-major (T, N): N episodes padded to the longest, T steps."""
-    obs: torch.Tensor         # (T, N, 4) s_t
-    actions: torch.Tensor     # (T, N)    a_t
-    rewards: torch.Tensor     # (T, N)    r_t (0 on padding)
-    terminated: torch.Tensor  # (T, N)    the pole fell / cart left with step t: a true end, V(s_{t+1}) = 0
-    truncated: torch.Tensor   # (T, N)    the 500-step time limit hit with step t: not a true end
-    valid: torch.Tensor       # (T, N)    step t belongs to the episode
-    final_obs: torch.Tensor   # (N, 4)    the state after the last step (bootstrap of a truncation)
-
-    @property
-    def dones(self) -> torch.Tensor:
-        """Nothing is propagated across an episode end, nor out of the padding."""
-        return (self.terminated | self.truncated | ~self.valid).float()
-
-    @property
-    def episode_returns(self) -> np.ndarray:
-        return self.rewards.sum(0).numpy()
-
-
-def action_probs(policy: nn.Module | None, obs: torch.Tensor) -> torch.Tensor:
-    """pi(.|s); None is the uniformly random policy."""
-    if policy is None:
-        return torch.full((*obs.shape[:-1], N_ACTIONS), 1.0 / N_ACTIONS)
-    return torch.softmax(policy(obs), dim=-1)
-
-
-@torch.no_grad()
-def rollout(policy: nn.Module | None, n_episodes: int, seed: int) -> Batch:
-    """Play `n_episodes` complete CartPole-v1 episodes in parallel: one sub-env each, all reset once
-    from `seed` (so no env state crosses batches); a sub-env that finished keeps stepping (it
-    auto-resets) but those steps are masked out."""
-    env_seed, action_seed = np.random.SeedSequence(seed).generate_state(2)
-    rng = np.random.default_rng(action_seed)
-    envs = gym.make_vec("CartPole-v1", num_envs=n_episodes, vectorization_mode="vector_entry_point")
-    obs, _ = envs.reset(seed=int(env_seed))
-    finished = np.zeros(n_episodes, dtype=bool)
-    final_obs = np.zeros_like(obs)
-    steps = []
-    while not finished.all():
-        probs = action_probs(policy, torch.from_numpy(obs)).numpy()
-        # inverse-CDF sampling with our own generator: reproducible from `seed` alone
-        actions = (rng.random((n_episodes, 1)) > probs.cumsum(1)[:, :-1]).sum(1)
-        next_obs, reward, terminated, truncated, _ = envs.step(actions)
-        alive = ~finished
-        steps.append((obs, actions, reward * alive, terminated & alive, truncated & alive, alive))
-        ended = (terminated | truncated) & alive
-        final_obs[ended] = next_obs[ended]
-        finished |= ended
-        obs = next_obs
-    envs.close()
-    columns = [torch.from_numpy(np.stack(c)) for c in zip(*steps)]
-    return Batch(*columns, final_obs=torch.from_numpy(final_obs))
-
-
 # --- advantage estimators --------------------------------------------------------------------------
 def td_errors(rewards, values, dones, last_value, gamma):
     """delta_t = r_t + gamma * V(s_{t+1}) * (1 - done_t) - V(s_t); the TD(0) advantage."""
@@ -177,7 +119,7 @@ def n_step_advantages(rewards, values, dones, last_value, gamma, n):
     return advantages
 
 
-def estimate_advantages(estimator: str, batch: Batch, values: torch.Tensor, final_values: torch.Tensor,
+def estimate_advantages(estimator: str, batch: EpisodeBatch, values: torch.Tensor, final_values: torch.Tensor,
                         cfg: Config, lam: float | None = None) -> torch.Tensor:
     """A_hat_t (T, N) of one estimator; values = V(s_t) (T, N), final_values = V(final_obs) (N,)."""
     dones = batch.dones
@@ -207,14 +149,14 @@ class Learner:
             self.value = mlp(1, cfg.hidden, derived_seed("value-init", init_seed))
             self.value_opt = torch.optim.Adam(self.value.parameters(), lr=cfg.value_lr)
 
-    def values(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def values(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """V(s_t) (T, N) and V(final_obs) (N,), without gradient (zeros for mc)."""
         if self.value is None:
             return torch.zeros(batch.rewards.shape), torch.zeros(batch.final_obs.shape[0])
         with torch.no_grad():
             return self.value(batch.obs).squeeze(-1), self.value(batch.final_obs).squeeze(-1)
 
-    def update(self, batch: Batch) -> None:
+    def update(self, batch: EpisodeBatch) -> None:
         values, final_values = self.values(batch)
         advantages = estimate_advantages(self.estimator, batch, values, final_values, self.cfg)
         mask = batch.valid.float()
@@ -270,7 +212,7 @@ def learning_curves(cfg: Config, ctx) -> None:
     for update in ctx.track(range(start, cfg.updates), "learning curves", total=cfg.updates - start):
         for (est, k), learner in learners.items():
             # common random numbers: every estimator of seed k sees the same env starts and uniforms
-            batch = rollout(learner.policy, cfg.episodes_per_update, derived_seed("train", cfg.seed, k, update))
+            batch = play_episodes(learner.policy, cfg.episodes_per_update, derived_seed("train", cfg.seed, k, update))
             learner.update(batch)
             ctx.log("learning_curve", update=update + 1, estimator=est, seed=k,
                     mean_return=float(batch.episode_returns.mean()), env_steps=int(batch.valid.sum()))
@@ -315,17 +257,17 @@ def gradient_variance(cfg: Config, ctx) -> tuple[dict[str, float], dict[str, dic
     # The fixed policy: a few REINFORCE updates from a seeded init, then frozen.
     trainer = Learner("mc", cfg, derived_seed(cfg.seed, "fixed-policy"))
     for update in range(cfg.fixed_policy_updates):
-        trainer.update(rollout(trainer.policy, cfg.episodes_per_update, derived_seed("fixed-policy", cfg.seed, update)))
+        trainer.update(play_episodes(trainer.policy, cfg.episodes_per_update, derived_seed("fixed-policy", cfg.seed, update)))
     policy = trainer.policy
 
     # The fixed V: regression on that policy's Monte-Carlo returns from separate episodes.
-    fit = rollout(policy, cfg.value_fit_episodes, derived_seed("value-fit", cfg.seed))
+    fit = play_episodes(policy, cfg.value_fit_episodes, derived_seed("value-fit", cfg.seed))
     value = mlp(1, cfg.hidden, derived_seed("fixed-value-init", cfg.seed))
     fit_returns = discounted_returns(fit.rewards, fit.dones, cfg.gamma)
     fit_value(value, torch.optim.Adam(value.parameters(), lr=cfg.value_lr), fit.obs[fit.valid],
               fit_returns[fit.valid], cfg.value_fit_steps)
 
-    batch = rollout(policy, cfg.variance_episodes, derived_seed("variance", cfg.seed))
+    batch = play_episodes(policy, cfg.variance_episodes, derived_seed("variance", cfg.seed))
     with torch.no_grad():
         values, final_values = value(batch.obs).squeeze(-1), value(batch.final_obs).squeeze(-1)
     valid = batch.valid
@@ -418,7 +360,7 @@ def plot_lambda_sweep(sweep: list[dict], rows: dict[str, dict]):
 
 def run(cfg: Config, ctx) -> dict[str, float]:
     learning_curves(cfg, ctx)
-    random_return = float(rollout(None, cfg.random_episodes, derived_seed("random", cfg.seed)).episode_returns.mean())
+    random_return = float(play_episodes(None, cfg.random_episodes, derived_seed("random", cfg.seed)).episode_returns.mean())
     curves = return_curves(ctx.tables["learning_curve"], cfg)
     final = {est: float(c[-cfg.final_window:].mean()) for est, c in curves.items()}  # asymptotic performance
     average = {est: float(c.mean()) for est, c in curves.items()}  # area under the curve: sample efficiency

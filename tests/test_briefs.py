@@ -1,0 +1,210 @@
+"""Interview briefs: the learner's own numbers appear, missing ones fail loudly, both languages
+render, the export writes every module (Markdown and one well-formed offline HTML page)."""
+from __future__ import annotations
+
+import base64
+import shutil
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from jinja2 import UndefinedError
+
+from core import artifacts
+from core.brief_text import LANGS, SECTION_SECONDS, parse_brief_text, speaking_seconds
+from core.briefs import (BriefError, brief_for, find_latest_run, follow_up_questions, format_number, labels,
+                         render_brief)
+from core.questions import load_bank
+from core.run_context import execute, latest_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import export_interview_briefs  # noqa: E402
+import interview_brief  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mdp_run_workdir(registry, tmp_path_factory) -> Path:
+    """A work dir holding one fixture run, made once for this file (a run takes seconds)."""
+    folder = tmp_path_factory.mktemp("briefs_run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_WORKDIR", str(folder))
+        execute(registry.get("mdp"), "toy", ["eval_episodes=200"])
+    return folder
+
+
+@pytest.fixture
+def ran(mdp_run_workdir, workdir) -> Path:
+    """The work dir of this test, with a private copy of the fixture run in it."""
+    shutil.copytree(mdp_run_workdir, workdir, dirs_exist_ok=True)
+    return workdir
+
+
+def test_the_brief_quotes_the_numbers_of_the_latest_run(registry, ran):
+    mdp = registry.get("mdp")
+    record = latest_run("mdp", "toy")
+    brief = brief_for(mdp, "en").markdown
+
+    assert "I ran `python run.py --module mdp --toy --set eval_episodes=200` on" in brief
+    passed = sum(c["passed"] for c in record["checks"])
+    assert f"passed {passed} of {len(record['checks'])} checks" in brief
+    assert "`eval_episodes` = 200 (preset: 2000)" in brief, "the field changed from the preset, with both values"
+    for name, value in record["metrics"].items():
+        assert f"| `{name}` | {format_number(value)} | " in brief
+    success = record["metrics"]["success_rate"]
+    assert success * 200 == round(success * 200) and f"| `success_rate` | {format_number(success)} |" in brief
+    for check in record["checks"]:
+        verdict = "PASS" if check["passed"] else "FAIL"
+        assert (f"| {verdict} | `{check['check']}` | {format_number(check['actual'])} | "
+                f"{format_number(check['target'])} |") in brief
+    for plot in ("values_policy.png", "convergence.png", "success_vs_gamma.png"):
+        assert f"- `post_train/rl_basics/mdp/output/toy/{plot}`" in brief
+    for label in ("Definition · 30 s", "How it works · 60 s", "What I ran and what it showed · 60 s",
+                  "Engineering pitfalls · 30 s"):
+        assert label in brief
+
+
+def test_numbers_are_quoted_to_four_significant_digits():
+    assert format_number(0.741) == "0.741"
+    assert format_number(8.25367552081957e-12) == "8.254e-12"
+    assert format_number(637) == "637" and format_number(True) == "true"
+    assert format_number([0.5, 0.99, 1]) == "0.5, 0.99, 1"
+    assert format_number(None) == "—", "run.json stores NaN/inf as null"
+
+
+def test_follow_ups_are_the_three_highest_level_questions_in_bank_order(registry, ran):
+    mdp = registry.get("mdp")
+    bank = load_bank(mdp)
+    chosen = follow_up_questions(mdp)
+    top = sorted({q.level for q in bank}, reverse=True)
+    expected = [q for level in top for q in bank if q.level == level][:3]
+    assert chosen == expected
+    brief = brief_for(mdp, "en").markdown
+    for i, q in enumerate(chosen, 1):
+        assert f"{i}. **{q.q}** (level {q.level}, `{q.id}`)" in brief
+
+
+def test_without_a_run_the_brief_says_so_and_gives_the_command(workdir, capsys):
+    assert interview_brief.main(["--module", "gae", "--lang", "en"]) == 0
+    out = capsys.readouterr().out
+    assert "There is no run of this module yet" in out
+    assert "```\npython run.py --module gae --toy\n```" in out
+    assert interview_brief.main(["--module", "gae", "--lang", "en", "--preset", "default"]) == 0
+    out = capsys.readouterr().out
+    assert "There is no `default` run of this module yet" in out
+    assert "python run.py --module gae --preset default" in out
+
+
+def test_out_writes_the_same_brief_to_a_file(registry, ran, capsys):
+    assert interview_brief.main(["--module", "mdp", "--out", str(ran / "b" / "mdp.md")]) == 0
+    assert (ran / "b" / "mdp.md").read_text(encoding="utf-8") == brief_for(registry.get("mdp"), "zh").markdown
+
+
+def test_a_metric_missing_from_the_run_raises(registry, ran, capsys):
+    mdp = registry.get("mdp")
+    latest = find_latest_run(mdp)
+    del latest.record["metrics"]["success_rate"]
+    with pytest.raises(UndefinedError, match="success_rate"):
+        render_brief(mdp, "en", latest)
+
+    artifacts.write_json(ran / latest.out_dir / "run.json", latest.record)  # a run older than its manifest
+    with pytest.raises(BriefError, match="python run.py --module mdp --toy"):
+        brief_for(mdp, "en")
+    assert interview_brief.main(["--module", "mdp"]) == 2
+    assert "success_rate" in capsys.readouterr().err
+
+
+def test_both_languages_render_from_the_same_sources(registry, ran):
+    mdp = registry.get("mdp")
+    assert set(labels("zh")) == set(labels("en")), "every label exists in both languages"
+    record = latest_run("mdp", "toy")
+    for lang in LANGS:
+        text = parse_brief_text(mdp.path / "brief.toml")[lang]
+        brief = brief_for(mdp, lang).markdown
+        assert labels(lang)["what_i_ran"] in brief and text["definition"] in brief and text["comparison_q"] in brief
+        assert all(p in brief for p in text["pitfalls"])
+        assert format_number(record["metrics"]["v_start"]) in brief
+    assert "定义 · 30 秒" in brief_for(mdp, "zh").markdown
+
+
+def test_every_modules_brief_text_fits_its_speaking_time(registry):
+    for module in registry.modules.values():
+        for lang, text in parse_brief_text(module.path / "brief.toml").items():
+            for key, budget in SECTION_SECONDS.items():
+                said = " ".join(text[key]) if isinstance(text[key], list) else text[key]
+                assert speaking_seconds(said) <= 1.2 * budget, f"{module.name} [{lang}] {key}: longer than {budget} s"
+    assert speaking_seconds("one two three four five") == pytest.approx(2.0)
+    assert speaking_seconds("价值迭代 TD") == pytest.approx(1.4)
+
+
+def test_export_md_writes_one_brief_per_module_and_an_index(registry, ran):
+    assert export_interview_briefs.main(["--lang", "en"]) == 0
+    out = ran / "output" / "briefs"
+    assert {p.name for p in out.iterdir()} == {f"{name}.md" for name in registry.modules} | {"index.md"}
+    index = (out / "index.md").read_text(encoding="utf-8")
+    record = latest_run("mdp", "toy")
+    passed = sum(c["passed"] for c in record["checks"])
+    assert f"| {passed}/{len(record['checks'])} | {format_number(record['wall_time_s'])} s | [mdp](mdp.md) |" in index
+    for name in registry.modules:
+        assert f"[{name}]({name}.md)" in index
+    assert index.count("not run yet") == len(registry.modules) - 1
+    assert (out / "mdp.md").read_text(encoding="utf-8") == brief_for(registry.get("mdp"), "en").markdown
+
+
+class PageStructure(HTMLParser):
+    """Open/close balance, section ids, images and tables of an HTML page."""
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.open: list[str] = []
+        self.mismatched: list[str] = []
+        self.sections: dict[str, list[str]] = {}
+        self.tables = 0
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections[attrs["id"]] = []
+        if tag == "img":
+            self.sections[next(reversed(self.sections))].append(attrs["src"])
+        if tag in ("script", "link") or (attrs.get("src") or "").startswith("http"):
+            self.external.append(tag)
+        self.tables += tag == "table"
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if self.open and self.open[-1] == tag:
+            self.open.pop()
+        else:
+            self.mismatched.append(tag)
+
+
+def test_export_html_is_one_well_formed_self_contained_page(registry, ran, tmp_path):
+    out = tmp_path / "site"
+    assert export_interview_briefs.main(["--format", "html", "--out", str(out)]) == 0
+    assert [p.name for p in out.iterdir()] == ["briefs.html"]
+    page = PageStructure()
+    page.feed((out / "briefs.html").read_text(encoding="utf-8"))
+    page.close()
+    assert page.open == [] and page.mismatched == [], "every tag is closed, in order"
+    assert set(page.sections) == set(registry.modules), "one section per module"
+    assert page.tables >= 3, "the run-status table and the mdp run's check and metric tables"
+    assert page.external == [], "nothing to fetch: the page opens offline"
+    record = latest_run("mdp", "toy")
+    plots = [name for name in record["artifacts"] if name.endswith(".png")]
+    assert len(page.sections["mdp"]) == len(plots)
+    for src in page.sections["mdp"]:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(page.sections[name] == [] for name in registry.modules if name != "mdp"), "no run, no plots"
+
+
+def test_an_unknown_module_exits_2_with_a_suggestion(workdir, capsys):
+    assert interview_brief.main(["--module", "gea"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown module 'gea'" in err and "Did you mean: gae" in err
+    assert interview_brief.main(["--module", "mdp", "--preset", "huge"]) == 2
+    assert "no preset 'huge'; presets: toy, default" in capsys.readouterr().err
