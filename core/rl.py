@@ -16,12 +16,22 @@ unit of data of Monte-Carlo policy-gradient learners (REINFORCE and the advantag
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
+
+
+def derived_seed(*keys: int | str) -> int:
+    """A seed that depends only on `keys`, e.g. ("train", cfg.seed, learner, update): every phase of
+    a run draws its own reproducible randomness, so no RNG state has to cross a phase boundary (and a
+    checkpoint need not carry one)."""
+    ints = [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
+    return int(np.random.SeedSequence(ints).generate_state(1)[0])
 
 
 @torch.no_grad()  # advantages and targets are constants in the losses that use them
@@ -82,8 +92,8 @@ class EpisodeBatch:
 
 
 @torch.no_grad()
-def play_episodes(policy: nn.Module | None, n_episodes: int, seed: int, env_id: str = "CartPole-v1",
-                  greedy: bool = False) -> EpisodeBatch:
+def play_episodes(policy: Callable[[torch.Tensor], torch.Tensor] | None, n_episodes: int, seed: int,
+                  env_id: str = "CartPole-v1", greedy: bool = False) -> EpisodeBatch:
     """Play `n_episodes` complete episodes in parallel, sampling actions from softmax(policy(s))
     (None: uniformly random), or taking argmax policy(s) when `greedy` (policy may then output
     logits or Q-values alike). One sub-env per episode, all reset once from `seed`, so no env state

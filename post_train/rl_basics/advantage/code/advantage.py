@@ -24,7 +24,6 @@ Two experiments:
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from core.rl import EpisodeBatch, discounted_returns, gae, play_episodes
+from core.rl import EpisodeBatch, derived_seed, discounted_returns, gae, play_episodes
 
 
 @dataclass
@@ -83,13 +82,6 @@ class Config:
 ESTIMATORS = ("mc", "baseline", "td0", "nstep", "gae")
 CRITIC_FREE = ("mc", "baseline")  # use sampled returns only: unbiased whatever V is
 OBS_DIM, N_ACTIONS = 4, 2
-
-
-def derived_seed(*keys: int | str) -> int:
-    """A seed that depends only on `keys`, e.g. ("train", cfg.seed, learner, update): every update
-    draws fresh, reproducible randomness, so no RNG state has to cross an update boundary."""
-    ints = [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
-    return int(np.random.SeedSequence(ints).generate_state(1)[0])
 
 
 def mlp(n_out: int, hidden: int, seed: int) -> nn.Module:

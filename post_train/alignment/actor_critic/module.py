@@ -1,0 +1,35 @@
+from core.checks import Check
+from core.registry import Module
+
+from .code.actor_critic import Config, run
+
+MODULE = Module(
+    name="actor_critic",
+    category="alignment",
+    title="A2C: synchronous advantage actor-critic with GAE on vectorised CartPole",
+    summary="Step 8 CartPole envs a fixed number of steps, estimate advantages with GAE (bootstrapping "
+            "time-limit truncations), take one step on policy loss + value loss - entropy bonus.",
+    presets={
+        "toy": Config(total_steps=50_000, n_seeds=2),
+        "default": Config(),
+    },
+    run=run,
+    threads=1,  # tiny MLPs: intra-op threads only add synchronisation
+    metrics={
+        "random_return": "mean episode return of a uniformly random policy, same run (~22)",
+        "final_return": "mean over seeds of each learner's last-final_episodes-training-episode mean return",
+        "worst_final_return": "the lowest of those per-seed means",
+        "final_over_random": "final_return / random_return",
+        "greedy_return": "mean over seeds of the greedy (argmax) final policy's return over eval_episodes",
+        "seeds_solved": "fraction of seeds whose trailing final_episodes mean reached solved_return",
+        "steps_to_solve": "mean over the solved seeds of the env steps until then (null: none)",
+    },
+    checks=[
+        Check("final_over_random", ">", 3.0,
+              why="A2C clearly beats a random policy measured in the same run (an untrained one stays ~1x)"),
+        Check("worst_final_return", ">=", 475.0, presets=("default",),
+              why="every seed solves CartPole-v1: its last 20 training episodes average >= 475"),
+        Check("greedy_return", ">=", 475.0, presets=("default",),
+              why="the final policies, played greedily on fresh episodes, balance the pole to the limit too"),
+    ],
+)
