@@ -19,7 +19,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 
-class CorruptArtifact(RuntimeError):
+class UserError(RuntimeError):
+    """An error the user can act on (a corrupt file, a mismatched checkpoint, no network): the CLI
+    prints its message, without a traceback, and exits 2."""
+
+
+class CorruptArtifact(UserError):
     """A file exists but cannot be read; the message names the file."""
 
 

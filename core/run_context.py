@@ -42,7 +42,7 @@ VERSIONED_PACKAGES = ("torch", "numpy", "gymnasium", "matplotlib", "pandas", "ri
 RESUME_FREE_FIELDS = ("resume", "checkpoint_every")
 
 
-class ResumeMismatch(RuntimeError):
+class ResumeMismatch(artifacts.UserError):
     """A checkpoint exists but was written with a different config."""
 
 
@@ -94,7 +94,7 @@ class RunContext:
         self.tables.setdefault(table, []).append({k: _to_python(v) for k, v in row.items()})
 
     def say(self, message: str) -> None:
-        self.console.print(message)
+        self.console.print(message, markup=False, highlight=False)  # "[nan, nan]" is text, not markup
 
     @contextlib.contextmanager
     def progress(self) -> Iterator[Progress]:
@@ -136,7 +136,7 @@ class RunContext:
         if not getattr(self.config, "resume", False):
             return None
         if not self.checkpoint_path.exists():
-            self.say(f"[yellow]resume: no checkpoint at {self.checkpoint_path}; starting from scratch[/]")
+            self.console.print(f"[yellow]resume: no checkpoint at {self.checkpoint_path}; starting from scratch[/]")
             return None
         saved = artifacts.load_checkpoint(self.checkpoint_path)
         if saved.get("config") != self._comparable_config():
@@ -148,7 +148,7 @@ class RunContext:
         rng["numpy"] = _numpy_state(rng["numpy"])
         set_global_rng_state(rng)
         self.resumed_from = saved["step"]
-        self.say(f"[cyan]resumed from {self.checkpoint_path} at step {saved['step']}[/]")
+        self.console.print(f"[cyan]resumed from {self.checkpoint_path} at step {saved['step']}[/]")
         return saved["step"], saved["state"]
 
 
