@@ -23,10 +23,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from core.artifacts import CorruptArtifact
+from core.artifacts import UserError
 from core.config import ConfigError, field_docs, field_types, type_name
 from core.registry import Module, Registry, UnknownModule, discover
-from core.run_context import ResumeMismatch, RunResult, execute, read_run_index
+from core.run_context import RunResult, execute, read_run_index
 
 # piped output (CI logs, tests) gets wide tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -38,6 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-h", "--help", action="store_true", help="this help; with --module, the module's config")
     p.add_argument("--list", action="store_true", help="table of modules with their last runs")
     p.add_argument("--info", metavar="NAME", help="what a module shows, its metrics, checks and presets")
+    p.add_argument("--progress", action="store_true",
+                   help="your day on the 14-day roadmap and the level checkpoints (options: scripts/progress.py)")
     p.add_argument("--module", metavar="NAME", help="the module to run")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--toy", action="store_true", help="shortcut for --preset toy (seconds on a CPU)")
@@ -84,6 +86,17 @@ def cmd_list(registry: Registry) -> int:
 def report_broken(registry: Registry) -> None:
     for broken in registry.broken:
         err.print(f"[red]broken module manifest[/] {broken.path}: {broken.error}")
+
+
+def cmd_progress(registry: Registry) -> int:
+    from core import roadmap  # the study layer loads only when asked for
+    try:
+        report = roadmap.progress_report(registry, None, datetime.now(timezone.utc))
+    except roadmap.PROGRESS_ERRORS as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        return 2
+    roadmap.print_progress(report, console)
+    return 0
 
 
 def cmd_info(m: Module) -> int:
@@ -158,7 +171,7 @@ def cmd_run(m: Module, args: argparse.Namespace) -> int:
         err.print(f"[red]error:[/] {exc.args[0] if isinstance(exc, KeyError) else exc}")
         err.print(f"see: python run.py --module {m.name} --help")
         return 2
-    except (ResumeMismatch, CorruptArtifact) as exc:
+    except UserError as exc:
         err.print(f"[red]error:[/] {exc}")
         return 2
     except KeyboardInterrupt:
@@ -176,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     registry = discover()
     if args.list:
         return cmd_list(registry)
+    if args.progress:
+        return cmd_progress(registry)
     name = args.info or args.module
     if not name:
         args.parser.print_help()

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Render learning/ROADMAP_14_DAYS.md and learning/LEVEL_CHECKPOINTS.md from learning/roadmap.toml
+and learning/levels.toml (templates: core/templates/roadmap.md.j2, checkpoints.md.j2).
+
+    python scripts/build_learning_docs.py            # write both files
+    python scripts/build_learning_docs.py --check    # write nothing; exit 1 if a committed file is stale
+
+Every module, preset, README section and question level the data names must resolve against the
+registry and the question banks; otherwise nothing is written. Modules no roadmap day names yet are
+listed as a reminder (the roadmap grows as modules are added).
+Exit status: 0 written (or up to date), 1 --check found a stale file, 2 a reference does not resolve.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+
+from core.artifacts import atomic_write_text  # noqa: E402
+from core.questions import BankError  # noqa: E402
+from core.registry import discover  # noqa: E402
+from core.roadmap import RoadmapError, load_roadmap, not_on_roadmap, rendered_docs  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with the committed files; write nothing")
+    args = parser.parse_args(argv)
+    err = Console(stderr=True)
+
+    registry = discover()
+    try:
+        docs = rendered_docs(registry)
+    except (RoadmapError, BankError) as exc:
+        err.print(f"[red]error:[/] {exc}\nnothing was written.", highlight=False, soft_wrap=True)
+        return 2
+    missing = not_on_roadmap(load_roadmap(), registry)
+    if missing:
+        err.print(f"[yellow]on no roadmap day yet:[/] {', '.join(missing)} (add them to learning/roadmap.toml)",
+                  highlight=False, soft_wrap=True)
+    stale = [path for path, text in docs.items()
+             if not path.exists() or path.read_text(encoding="utf-8") != text]
+    for path in stale:
+        relative = path.relative_to(ROOT)
+        if args.check:
+            err.print(f"stale: {relative} differs from what its TOML generates; run "
+                      f"python scripts/build_learning_docs.py", highlight=False, soft_wrap=True)
+        else:
+            atomic_write_text(path, docs[path])
+            print(f"wrote {relative}")
+    if not stale:
+        print("learning docs are up to date")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

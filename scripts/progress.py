@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Where you are on the 14-day roadmap, what is done and which level checkpoints pass: computed from
+your run index (output/run_index.json), drill history (output/progress.db) and latest smoke report.
+
+    python scripts/progress.py                      # today's day and its items, every day, the levels
+    python scripts/progress.py --day 5              # the items of day 5
+    python scripts/progress.py --module gae         # only the days that name gae
+    python scripts/progress.py --start 2026-03-01   # count day 1 from this date
+    python scripts/progress.py --json               # the whole report as JSON
+
+Day 1 is the date of your first drill review or your earliest run still in the run index, whichever
+is earlier (the headline says which); --start overrides it. Nothing is written.
+Exit status: 0 shown, 2 bad input (unknown day or module, a bad date, a --db file that is not a
+Finetune progress database, a roadmap that names something that does not exist).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from core.registry import UnknownModule, discover  # noqa: E402
+from core.roadmap import PROGRESS_ERRORS, ROADMAP_DAYS, print_progress, progress_report  # noqa: E402
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--day", type=int, metavar="N", help=f"show the items of day N (1-{ROADMAP_DAYS})")
+    p.add_argument("--module", metavar="NAME", help="only the days that name this module")
+    p.add_argument("--start", type=date.fromisoformat, metavar="YYYY-MM-DD",
+                   help="the date of day 1 (default: your first run or drill review)")
+    p.add_argument("--db", type=Path, metavar="PATH", help="progress database (default: output/progress.db)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
+    if args.day is not None and not 1 <= args.day <= ROADMAP_DAYS:
+        p.error(f"unknown day {args.day}: the roadmap has days 1-{ROADMAP_DAYS}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    registry = discover()
+    for broken in registry.broken:  # their questions and runs are left out of the report
+        err.print(f"[yellow]skipping broken module manifest[/] {broken.path}: {escape(broken.error)}", soft_wrap=True)
+    try:
+        if args.module:
+            registry.get(args.module)
+        report = progress_report(registry, args.db, datetime.now(timezone.utc), args.start)
+    except (UnknownModule, *PROGRESS_ERRORS) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print_progress(report, console, args.day, args.module)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
