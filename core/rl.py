@@ -34,6 +34,17 @@ def derived_seed(*keys: int | str) -> int:
     return int(np.random.SeedSequence(ints).generate_state(1)[0])
 
 
+def first_solved_episode(returns, threshold: float, window: int) -> int | None:
+    """How many episodes were played when the mean return of the last `window` episodes first
+    reached `threshold` (CartPole-v1 counts as solved at 475 over 100, here any window); None if never."""
+    returns = np.asarray(returns, dtype=float)
+    if len(returns) < window:
+        return None
+    trailing = np.convolve(returns, np.ones(window) / window, mode="valid")  # trailing[j]: episodes j..j+window-1
+    reached = np.flatnonzero(trailing >= threshold)
+    return int(reached[0]) + window if reached.size else None
+
+
 @torch.no_grad()  # advantages and targets are constants in the losses that use them
 def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
         gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from torch import nn
 
-from core.rl import derived_seed, gae, play_episodes
+from core.rl import derived_seed, first_solved_episode, gae, play_episodes
 
 
 @dataclass
@@ -231,13 +231,8 @@ def train(learner: int, cfg: Config, ctx) -> tuple[ActorCritic, EpisodeLog]:
 def steps_to_solve(episodes: EpisodeLog, cfg: Config) -> float:
     """Env steps until the mean of the last `final_episodes` episodes first reaches `solved_return`;
     nan if it never does."""
-    returns = np.array(episodes.returns)
-    window = cfg.final_episodes
-    if len(returns) < window:
-        return float("nan")
-    trailing = np.convolve(returns, np.ones(window) / window, mode="valid")  # trailing[j]: episodes j..j+window-1
-    reached = np.flatnonzero(trailing >= cfg.solved_return)
-    return float(episodes.finished_at[reached[0] + window - 1]) if reached.size else float("nan")
+    solved_after = first_solved_episode(episodes.returns, cfg.solved_return, cfg.final_episodes)
+    return float(episodes.finished_at[solved_after - 1]) if solved_after else float("nan")
 
 
 # --- plots -------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.rl import EpisodeBatch, derived_seed, discounted_returns, play_episodes
+from core.rl import EpisodeBatch, derived_seed, discounted_returns, first_solved_episode, play_episodes
 
 
 @dataclass
@@ -126,23 +126,13 @@ def train(variant: str, learner: int, cfg: Config, ctx) -> tuple[np.ndarray, np.
     return np.array(episode_returns), np.array(episode_lengths)
 
 
-def trailing_mean(returns: np.ndarray, window: int) -> np.ndarray:
-    """Mean of the last `window` episodes after each episode (shorter windows at the start)."""
-    cumsum = np.concatenate([[0.0], np.cumsum(returns)])
-    ends = np.arange(1, len(returns) + 1)
-    starts = np.maximum(ends - window, 0)
-    return (cumsum[ends] - cumsum[starts]) / (ends - starts)
-
-
 def time_to_solve(returns: np.ndarray, lengths: np.ndarray, cfg: Config) -> tuple[float, float]:
     """(episodes, env steps) played until the trailing mean over `final_episodes` episodes (a full
     window) first reaches `solved_return`; (nan, nan) if it never does."""
-    trailing = trailing_mean(returns, cfg.final_episodes)
-    reached = np.flatnonzero(trailing[cfg.final_episodes - 1:] >= cfg.solved_return)
-    if reached.size == 0:
+    solved_after = first_solved_episode(returns, cfg.solved_return, cfg.final_episodes)
+    if solved_after is None:
         return float("nan"), float("nan")
-    episodes = int(reached[0]) + cfg.final_episodes
-    return float(episodes), float(lengths[:episodes].sum())
+    return float(solved_after), float(lengths[:solved_after].sum())
 
 
 # --- plot --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.rl import gae, play_episodes
+from core.rl import first_solved_episode, gae, play_episodes
 
 
 @dataclass
@@ -245,11 +245,8 @@ class LearnerResult:
 
 def steps_to_solved(episodes: list[Episode], threshold: float, window: int) -> float:
     """First global env step at which the mean return of the last `window` episodes is >= threshold."""
-    returns = np.array([e.ret for e in episodes])
-    for k in range(window, len(episodes) + 1):
-        if returns[k - window:k].mean() >= threshold:
-            return float(episodes[k - 1].end_step)
-    return float("nan")
+    solved_after = first_solved_episode([e.ret for e in episodes], threshold, window)
+    return float(episodes[solved_after - 1].end_step) if solved_after else float("nan")
 
 
 def ppo_update(actor, critic, optimizer, batch: dict[str, torch.Tensor], cfg: Config,
