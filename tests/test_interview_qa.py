@@ -224,7 +224,7 @@ def test_answers_file_session_end_to_end(cli, workdir, bank, tmp_path):
     code, out = cli("--answers-file", answers)
     assert code == 0
     assert "3 of 3 questions answered" in out
-    assert "✓ (S,A,P,R,gamma) tuple" in out and "✗ certainty equivalence" in out
+    assert "✓ transition probabilities" in out and "✗ certainty equivalence" in out
     assert "model answer" in out
     with ProgressDB(workdir / "output" / "progress.db") as db:   # the default location
         reviews = {r["card_id"]: r for r in db.reviews()}
