@@ -124,6 +124,13 @@ def test_truncation_bootstraps_the_real_final_state_and_termination_does_not():
     assert adv1[0].tolist() == pytest.approx([1 + gamma * (1 + gamma * 7.0) - 5.0, 1 + gamma * 1 - 5.0])
 
 
+def test_a_fall_on_the_last_allowed_step_is_an_end_not_a_truncation():
+    # CartPole's time limit also sets `truncated` when the pole falls on step 500: terminated wins
+    rollout = hand_made_rollout(terminated=[[True]], truncated=[[True]], values=[[6.0]], last_value=[7.0])
+    adv, _ = rollout.advantages_and_returns(gamma=0.9, lam=0.95)
+    assert adv[0, 0].item() == pytest.approx(1.0 - 6.0)
+
+
 class AlwaysRight(torch.nn.Module):
     """A policy that (almost) always pushes right, so episodes end within ~10 steps; V = 0."""
 

@@ -170,7 +170,8 @@ class Rollout:
         observation, so values[t+1] / last_value is V(s_final). A truncation bootstraps its tail
         with gamma V(s_final); both kinds of end stop the GAE recursion (Pardo et al. 2018)."""
         next_values = torch.cat([self.values[1:], self.last_value.unsqueeze(0)])
-        rewards = self.rewards + gamma * next_values * self.truncated
+        cut_short = self.truncated & ~self.terminated  # the pole can fall on the 500th step: then it is an end
+        rewards = self.rewards + gamma * next_values * cut_short
         return gae(rewards, self.values, self.terminated | self.truncated, self.last_value, gamma, lam)
 
     def flatten_valid(self, **per_step: torch.Tensor) -> dict[str, torch.Tensor]:
