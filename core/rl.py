@@ -88,7 +88,7 @@ class EpisodeBatch:
     actions: torch.Tensor     # (T, N)    a_t
     rewards: torch.Tensor     # (T, N)    r_t (0 on padding)
     terminated: torch.Tensor  # (T, N)    a true end with step t: V(s_{t+1}) = 0
-    truncated: torch.Tensor   # (T, N)    the time limit hit with step t: not a true end
+    truncated: torch.Tensor   # (T, N)    the time limit cut the episode with step t (and it did not end)
     valid: torch.Tensor       # (T, N)    step t belongs to the episode
     final_obs: torch.Tensor   # (N, obs_dim) the state after the last step (bootstrap of a truncation)
 
@@ -129,7 +129,8 @@ def play_episodes(policy: Callable[[torch.Tensor], torch.Tensor] | None, n_episo
         actions = (rng.random((n_episodes, 1)) > probs.cumsum(1)[:, :-1]).sum(1)
         next_obs, reward, terminated, truncated, _ = envs.step(actions)
         alive = ~finished
-        steps.append((obs, actions, reward * alive, terminated & alive, truncated & alive, alive))
+        # a pole that falls on the last allowed step is an end: the time limit only truncates the rest
+        steps.append((obs, actions, reward * alive, terminated & alive, truncated & ~terminated & alive, alive))
         ended = (terminated | truncated) & alive
         final_obs[ended] = next_obs[ended]
         finished |= ended
