@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tomllib
 from datetime import datetime, timezone
 
 from rich.console import Console
@@ -25,6 +24,7 @@ from rich.table import Table
 
 from core.artifacts import UserError
 from core.config import ConfigError, field_docs, field_types, type_name
+from core.questions import load_bank
 from core.registry import Module, Registry, UnknownModule, discover
 from core.run_context import RunResult, execute, read_run_index
 
@@ -114,10 +114,10 @@ def cmd_info(m: Module) -> int:
         checks.add_row(c.describe(), ",".join(c.presets or ["all"]) + (" (conditional)" if c.when else ""),
                        escape(c.why))
     console.print(checks)
-    bank = tomllib.loads((m.path / "questions.toml").read_text(encoding="utf-8"))
     console.print(f"presets: {', '.join(m.presets)}   depends: {', '.join(m.depends) or 'nothing'}   "
-                  f"interview questions: {len(bank.get('question', []))}")
-    console.print(f"theory: {m.rel_path / 'README.md'}")
+                  f"interview questions: {len(load_bank(m))}")
+    console.print(f"theory: {m.rel_path / 'README.md'}   brief: python scripts/interview_brief.py --module {m.name}   "
+                  f"drill: python scripts/interview_qa.py --module {m.name}")
     runs = read_run_index().get(m.name, {})
     for preset, entry in runs.items():
         console.print(f"last {preset} run: {last_run_cell(entry)} → {entry['out_dir']}")
