@@ -1,0 +1,249 @@
+"""MHA vs GQA vs MQA vs MLA vs sparse attention (MoBA, NSA): what each costs at decode time and what
+it costs in quality, measured on the shared transformer family (core/model.py, core/attention.py).
+
+Every architecture gets the same width, depth, data, step budget and seed; only the attention differs.
+For each one we measure:
+
+    KV cache per token      bytes of the tensors `init_cache(1, L)` allocates, summed over layers, / L
+        closed forms (per layer, s = bytes per element, h = n_head, g = n_kv_head, d_h = head dim):
+            MHA / GQA / MQA   2 g d_h s                       (K and V of each kv head; g = h, 1 < g < h, 1)
+            MLA               (d_c + d_h^R) s                 (latent c_kv + the shared RoPE key;
+                                                               DeepSeek-V2 Table 1)
+            MoBA              2 g d_h s                       (full K/V: sparsity saves compute, not memory)
+            NSA               3 * 2 g d_h s                   (separate K/V for the cmp, slc, win branches)
+    parameters              model.num_params()
+    decode tokens/s         cached greedy generation, as a ratio to MHA (timing: logged, never asserted)
+    val loss                cross-entropy after the same short AdamW pretraining on the generated stories
+
+and compare the val losses with the unigram entropy H = -sum_w p(w) log p(w) of the training tokens:
+the loss of a model that ignores the context, so a model that learned nothing cannot beat it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.attention import tensor_bytes
+from core.corpus import TokenBins, generate_stories, pack_documents, split_documents, write_token_bin
+from core.model import Transformer, named_config
+from core.tokenizer import load_tokenizer
+
+ARCHS = ("llama", "gqa", "mqa", "mla", "moba", "nsa")
+"""core/model.py named configs; llama is the MHA baseline"""
+LABELS = {"llama": "MHA", "gqa": "GQA", "mqa": "MQA", "mla": "MLA", "moba": "MoBA", "nsa": "NSA"}
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """seeds the corpus split, the weights and the batches (identical for every architecture)"""
+    n_stories: int = 1500
+    """generated stories (core/corpus.py), split by document into train / val"""
+    val_fraction: float = 0.1
+    """fraction of the stories held out for the val loss"""
+    vocab_size: int = 512
+    """sentencepiece vocabulary (trained on demand by core/tokenizer.py and cached)"""
+    n_layer: int = 2
+    """transformer blocks (the same for every architecture)"""
+    n_embd: int = 128
+    """model width d_model"""
+    n_head: int = 4
+    """query heads; head_dim = n_embd / n_head"""
+    gqa_kv_heads: int = 2
+    """kv heads of the GQA variant (MHA: n_head, MQA: 1)"""
+    kv_lora_rank: int = 64
+    """MLA latent rank d_c (the cached latent per token)"""
+    block_size: int = 128
+    """context length of training windows (also the longest generation)"""
+    sparse_block: int = 16
+    """MoBA block size and NSA compression/selection block size"""
+    sparse_top_k: int = 2
+    """blocks each query picks (MoBA: current block included; NSA: earlier blocks)"""
+    nsa_window: int = 32
+    """NSA sliding-window branch length"""
+    steps: int = 300
+    """AdamW steps per architecture"""
+    batch_size: int = 16
+    """windows per step"""
+    lr: float = 3e-3
+    """peak learning rate (linear warmup, cosine decay to 10%)"""
+    warmup: int = 20
+    """linear warmup steps"""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay"""
+    eval_batches: int = 8
+    """val batches (the same windows for every architecture)"""
+    decode_tokens: int = 100
+    """tokens generated greedily with the KV cache for the decode-speed measurement"""
+
+
+def model_config(arch: str, cfg: Config, vocab_size: int):
+    """The named config of `arch`, resized to this run's width, depth and context."""
+    head_dim = cfg.n_embd // cfg.n_head
+    kv_heads = {"gqa": cfg.gqa_kv_heads, "mqa": 1}.get(arch, cfg.n_head)
+    return named_config(
+        arch, vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+        n_head=cfg.n_head, n_kv_head=kv_heads, ffn_hidden=round(8 / 3 * cfg.n_embd),
+        kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=head_dim, qk_rope_head_dim=head_dim // 2,
+        v_head_dim=head_dim, moba_block_size=cfg.sparse_block, moba_top_k=cfg.sparse_top_k,
+        nsa_block_size=cfg.sparse_block, nsa_top_k=cfg.sparse_top_k, nsa_window=cfg.nsa_window)
+
+
+def measured_cache_bytes_per_token(model: Transformer, length: int) -> float:
+    """Bytes of the cache tensors the model really allocates for `length` tokens, per token."""
+    caches = model.init_cache(1, length)
+    return sum(tensor_bytes(c) for c in caches) / length
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """H = -sum_w p(w) ln p(w) (nats) of the token frequencies: the loss of a context-blind model."""
+    p = np.bincount(tokens, minlength=vocab_size) / len(tokens)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay from lr to 0.1 lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pretrain(model: Transformer, bins: TokenBins, cfg: Config) -> None:
+    """cfg.steps AdamW steps of next-token cross-entropy on random train windows."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    batches = torch.Generator().manual_seed(cfg.seed)  # the same windows for every architecture
+    model.train()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x, y = bins.get_batch("train", cfg.batch_size, cfg.block_size, batches)
+        logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # -1/N sum log p(x_{t+1} | x_<=t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+
+@torch.no_grad()
+def val_loss(model: Transformer, bins: TokenBins, cfg: Config) -> float:
+    model.eval()
+    windows = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in range(cfg.eval_batches):
+        x, y = bins.get_batch("val", cfg.batch_size, cfg.block_size, windows)
+        losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: Transformer, n_tokens: int, bos_id: int) -> float:
+    """Greedy cached generation from a one-token prompt: prefill once, then one token per step."""
+    model.eval()
+    prompt = torch.full((1, 1), bos_id, dtype=torch.long)
+    model.generate(prompt, 4, temperature=0)  # warm-up (allocator, kernels)
+    start = time.perf_counter()
+    model.generate(prompt, n_tokens, temperature=0)
+    return n_tokens / (time.perf_counter() - start)
+
+
+def build_token_bins(cfg: Config, ctx) -> tuple[TokenBins, np.ndarray, int, int]:
+    """Generated stories -> sentencepiece ids -> train.bin / val.bin in the run's output folder."""
+    tok = load_tokenizer(cfg.vocab_size, say=ctx.say)
+    train_docs, val_docs = split_documents(generate_stories(cfg.n_stories, cfg.seed), cfg.val_fraction, cfg.seed)
+    train = pack_documents((tok.encode(d) for d in train_docs), tok.eos_id)
+    val = pack_documents((tok.encode(d) for d in val_docs), tok.eos_id)
+    train_bin = write_token_bin(train, ctx.path("data/train.bin"))
+    write_token_bin(val, ctx.path("data/val.bin"))
+    return TokenBins(train_bin.parent), train, tok.vocab_size, tok.bos_id
+
+
+def run(cfg: Config, ctx) -> dict:
+    bins, train_tokens, vocab_size, bos_id = build_token_bins(cfg, ctx)
+    entropy = unigram_entropy(train_tokens, vocab_size)
+    ctx.say(f"{len(train_tokens)} train tokens, unigram entropy {entropy:.3f} nats")
+
+    rows = {}
+    for arch in ctx.track(ARCHS, "architectures", total=len(ARCHS)):
+        torch.manual_seed(cfg.seed)  # same init stream for every architecture
+        model = Transformer(model_config(arch, cfg, vocab_size))
+        row = dict(arch=arch, label=LABELS[arch], params=model.num_params(),
+                   cache_bytes_measured=measured_cache_bytes_per_token(model, cfg.block_size),
+                   cache_bytes_formula=model.cache_bytes_per_token())
+        pretrain(model, bins, cfg)
+        row["val_loss"] = val_loss(model, bins, cfg)
+        row["decode_tok_per_s"] = decode_tokens_per_s(model, cfg.decode_tokens, bos_id)
+        rows[arch] = row
+    for row in rows.values():
+        row["decode_vs_mha"] = row["decode_tok_per_s"] / rows["llama"]["decode_tok_per_s"]
+        ctx.log("archs", **row)
+
+    write_table(rows, entropy, ctx)
+    plot(rows, entropy, cfg, ctx)
+
+    element_size = 4  # fp32 weights -> fp32 cache
+    metrics = {
+        "cache_formula_max_rel_diff": max(abs(r["cache_bytes_measured"] - r["cache_bytes_formula"])
+                                          / r["cache_bytes_formula"] for r in rows.values()),
+        # DeepSeek-V2 Table 1: (d_c + d_h^R) elements per token and layer
+        "mla_cache_from_config": (cfg.kv_lora_rank + (cfg.n_embd // cfg.n_head) // 2) * element_size * cfg.n_layer,
+        "unigram_entropy": entropy,
+    }
+    for arch, row in rows.items():
+        metrics[f"cache_bytes_{arch}"] = row["cache_bytes_measured"]
+    for arch, row in rows.items():
+        metrics[f"params_{arch}"] = row["params"]
+    for arch, row in rows.items():
+        metrics[f"val_loss_{arch}"] = row["val_loss"]
+    return metrics
+
+
+def write_table(rows: dict, entropy: float, ctx) -> None:
+    lines = ["| arch | KV cache B/token (measured) | formula | params | val loss | decode tok/s vs MHA |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows.values():
+        lines.append(f"| {r['label']} | {r['cache_bytes_measured']:.0f} | {r['cache_bytes_formula']} | "
+                     f"{r['params']:,} | {r['val_loss']:.3f} | {r['decode_vs_mha']:.2f} |")
+    lines.append(f"\nUnigram entropy of the training tokens: {entropy:.3f} nats (context-blind baseline).\n"
+                 "Decode speed is one timing on a shared CPU: indicative only.")
+    ctx.path("table.md").write_text("\n".join(lines) + "\n")
+    ctx.say("\n".join(lines))
+
+
+def plot(rows: dict, entropy: float, cfg: Config, ctx) -> None:
+    labels = [r["label"] for r in rows.values()]
+    x = np.arange(len(labels))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(x, [r["cache_bytes_measured"] for r in rows.values()], color="tab:blue", label="measured (allocated tensors)")
+    ax.scatter(x, [r["cache_bytes_formula"] for r in rows.values()], color="black", marker="_", s=600,
+               zorder=3, label="closed-form formula")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel(f"KV-cache bytes per token ({cfg.n_layer} layers, fp32)")
+    ax.set_title("KV cache per token")
+    ax.legend()
+    ctx.save_figure(fig, "cache_bytes.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(x, [r["val_loss"] for r in rows.values()], color="tab:green")
+    ax.axhline(entropy, color="red", ls="--", label="unigram entropy (context-blind)")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("val cross-entropy (nats)")
+    ax.set_title(f"Val loss after {cfg.steps} AdamW steps (same data, seed, budget)")
+    ax.legend(loc="lower right")
+    ctx.save_figure(fig, "val_loss.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(x, [r["decode_tok_per_s"] for r in rows.values()], color="tab:orange")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("tokens / s (cached greedy decode, batch 1)")
+    ax.set_title("Decode speed (one timing on a shared CPU)")
+    ctx.save_figure(fig, "decode_speed.png")
