@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+    "==": operator.eq,  # for exact quantities (byte counts, integers); floats want a tolerance metric
 }
 
 

@@ -69,6 +69,8 @@ def test_checks_compare_with_thresholds_and_other_metrics():
     assert not Check("baseline", "<=", ref="loss").evaluate(metrics)["passed"]
     assert not Check("bad", "<", 1.0).evaluate(metrics)["passed"], "NaN must never pass"
     assert not Check("missing", "<", 1.0).evaluate(metrics)["passed"]
+    assert Check("loss", "==", 0.5).evaluate(metrics)["passed"]
+    assert not Check("loss", "==", ref="baseline").evaluate(metrics)["passed"]
     with pytest.raises(ValueError):
         Check("loss", "<")
     with pytest.raises(ValueError):

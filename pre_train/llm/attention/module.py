@@ -32,9 +32,8 @@ MODULE = Module(
               why="every variant's closed-form cache size equals the bytes it really allocates"),
         Check("cache_bytes_mqa", "<", ref="cache_bytes_gqa", why="MQA keeps 1 kv head, GQA several"),
         Check("cache_bytes_gqa", "<", ref="cache_bytes_llama", why="GQA keeps fewer kv heads than MHA"),
-        Check("cache_bytes_mla", "<=", ref="mla_cache_from_config",
-              why="MLA caches only the latent c_kv and the shared RoPE key ..."),
-        Check("cache_bytes_mla", ">=", ref="mla_cache_from_config", why="... and nothing less"),
+        Check("cache_bytes_mla", "==", ref="mla_cache_from_config",
+              why="MLA caches only the latent c_kv and the shared RoPE key, and nothing less"),
         *[Check(f"val_loss_{a}", "<", ref="unigram_entropy",
                 why=f"{LABELS[a]} uses the context: a model that learned nothing cannot beat the unigram loss")
           for a in ARCHS],
