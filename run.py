@@ -27,6 +27,7 @@ from core.config import ConfigError, field_docs, field_types, type_name
 from core.questions import load_bank
 from core.registry import Module, Registry, UnknownModule, discover
 from core.run_context import RunResult, execute, read_run_index
+from core.training import is_main_process
 
 # piped output (CI logs, tests) gets wide tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -158,6 +159,9 @@ def print_result(result: RunResult) -> None:
         checks.add_row("[green]PASS[/]" if c["passed"] else "[red]FAIL[/]", c["check"],
                        fmt(c["actual"]), fmt(c["target"]), escape(c["why"]))
     console.print(checks)
+    if result.timings:
+        console.print("timings (vary from run to run; in run.json, not metrics.json): "
+                      + ", ".join(f"{k} {v:.4g}" for k, v in result.timings.items()))
     console.print(f"artifacts: {result.out_dir}")
 
 
@@ -183,6 +187,7 @@ def cmd_run(m: Module, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    console.quiet = not is_main_process()  # under torchrun, rank 0 speaks for all (errors still show)
     if args.help and not args.module:
         args.parser.print_help()
         return 0

@@ -23,7 +23,7 @@ import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -220,6 +220,22 @@ def write_token_bin(ids: Sequence[int] | np.ndarray, path: str | Path) -> Path:
         raise ValueError(f"token ids must be in [0, 65535] to be stored as uint16, got [{ids.min()}, {ids.max()}]")
     data = ids.astype("<u2").tobytes()
     return atomic_write(path, lambda f: f.write(data))
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """H = -sum_w p(w) ln p(w) (nats) of the token frequencies: the loss of a model that ignores the
+    context, so a language model that learned anything from the context must beat it."""
+    p = np.bincount(tokens, minlength=vocab_size) / len(tokens)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def write_token_bins(folder: str | Path, splits: dict[str, Sequence[str]], encode: Callable[[str], list[int]],
+                     eos_id: int) -> "TokenBins":
+    """Tokenise each split's documents into `<split>.bin` in `folder` (eos after every document)."""
+    for split, docs in splits.items():
+        write_token_bin(pack_documents((encode(d) for d in docs), eos_id), Path(folder) / f"{split}.bin")
+    return TokenBins(folder)
 
 
 class TokenBins:

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from core.artifacts import UserError, atomic_write, atomic_write_text
 from core.attention import build_attention
 from core.moe import MoE, SwiGLU
 
@@ -159,6 +160,28 @@ class Transformer(nn.Module):
         """One cache dict per layer, sized for max_len positions (default block_size)."""
         return [b.attn.init_cache(batch, max_len or self.cfg.block_size) for b in self.blocks]
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward), PaLM (Chowdhery et al. 2022,
+        App. B), nanoGPT's estimate_mfu:
+            6 N  +  6 L T n_head (d_qk + d_v)
+        N = matmul weights one token passes through (the LM head included, the embedding lookup not;
+        for an MoE only the router, the shared experts and top_k of the routed experts), and the
+        second term is the attention scores QK^T and the weighted sum AV over a context of T =
+        block_size. MoBA and NSA count as one dense attention (here they run with dense masks)."""
+        cfg = self.cfg
+        active = 0
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                active += m.weight.numel()
+            elif isinstance(m, MoE):  # its routed experts were counted in full above: keep top_k
+                per_expert = sum(p.numel() for p in m.experts[0].parameters())
+                active -= per_expert * (m.n_experts - m.top_k)
+        if cfg.attention == "mla":
+            d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        else:
+            d_qk = d_v = cfg.n_embd // cfg.n_head
+        return 6 * active + 6 * cfg.n_layer * cfg.block_size * cfg.n_head * (d_qk + d_v)
+
     def cache_bytes_per_token(self) -> int:
         """KV-cache bytes one token costs over all layers (closed form, each variant's formula)."""
         return sum(b.attn.cache_bytes_per_token() for b in self.blocks)
@@ -253,6 +276,69 @@ def named_config(arch: str, **overrides) -> ModelConfig:
     if arch not in NAMED_CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(NAMED_CONFIGS)}")
     return dataclasses.replace(NAMED_CONFIGS[arch], **overrides)
+
+
+def scaled_config(arch: str, *, vocab_size: int, block_size: int, n_layer: int, n_embd: int, n_head: int,
+                  **overrides) -> ModelConfig:
+    """The named config of `arch` at another size, its own dimensions scaled with the model:
+    head_dim = n_embd / n_head; GQA keeps n_head / 2 kv heads, MQA one; MLA a latent of n_embd / 2,
+    per-head nope/value dims of head_dim and a RoPE key of head_dim / 2; MoBA/NSA blocks of
+    block_size / 8 with top-2 selection and an NSA window of block_size / 4; SwiGLU width 8/3 n_embd,
+    Mixtral experts of that width, DeepSeek's fine-grained ones of half of it."""
+    head_dim = n_embd // n_head
+    ffn_hidden = round(8 / 3 * n_embd)
+    sizes = dict(
+        vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+        n_kv_head={"gqa": max(1, n_head // 2), "mqa": 1}.get(arch, n_head), ffn_hidden=ffn_hidden,
+        moe_hidden=ffn_hidden // 2 if arch == "deepseek_v2" else ffn_hidden,
+        kv_lora_rank=n_embd // 2, qk_nope_head_dim=head_dim, qk_rope_head_dim=head_dim // 2, v_head_dim=head_dim,
+        moba_block_size=block_size // 8, moba_top_k=2, nsa_block_size=block_size // 8, nsa_top_k=2,
+        nsa_window=block_size // 4)
+    return named_config(arch, **{**sizes, **overrides})
+
+
+# ------------------------------------------------------------------------------- save / load
+
+MODEL_WEIGHTS, MODEL_CONFIG = "model.safetensors", "model_config.json"
+
+
+def save_model(model: Transformer, directory: str | Path) -> Path:
+    """Weights (safetensors; a tied LM head stored once) + our ModelConfig as JSON, atomically."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as tok_emb.weight
+    weights = save(state, metadata={"format": "pt"})
+    atomic_write(directory / MODEL_WEIGHTS, lambda f: f.write(weights))
+    atomic_write_text(directory / MODEL_CONFIG, json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
+    return directory
+
+
+def load_model(directory: str | Path) -> Transformer:
+    """The model `save_model` wrote; a missing or corrupt file is a UserError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / MODEL_CONFIG, directory / MODEL_WEIGHTS
+    try:
+        cfg = ModelConfig(**json.loads(config_path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{config_path}: not a readable model config ({exc})") from None
+    model = Transformer(cfg)
+    try:
+        state = load_file(str(weights_path))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"{weights_path}: weights do not match {config_path} ({exc})") from None
+    return model
 
 
 # ------------------------------------------------------------------------------------ export

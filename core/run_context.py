@@ -35,8 +35,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from core import artifacts
 from core.config import apply_overrides, to_dict
 from core.paths import ROOT, run_index_path, workdir
-from core.plots import save_figure
+from core.plots import close_figure, save_figure
 from core.registry import Module
+from core.training import is_main_process
 
 VERSIONED_PACKAGES = ("torch", "numpy", "gymnasium", "matplotlib", "pandas", "rich")
 RESUME_FREE_FIELDS = ("resume", "checkpoint_every")
@@ -85,15 +86,26 @@ class RunContext:
         self.checkpoint_path = base / "checkpoints" / preset / "state.pt"
         self.console = console or Console(stderr=True)
         self.tables: dict[str, list[dict[str, Any]]] = {}
+        self.timings: dict[str, float] = {}
         self.files: list[str] = []
         self.resumed_from: int | None = None
+        self.is_main = is_main_process()
+        """False on torchrun ranks other than 0: they compute, rank 0 alone writes"""
 
     # --- logging -------------------------------------------------------------------------------
     def log(self, table: str = "history", **row: Any) -> None:
         """Append one row to a history table, written as <table>.csv at the end of the run."""
         self.tables.setdefault(table, []).append({k: _to_python(v) for k, v in row.items()})
 
+    def measure(self, **values: float) -> None:
+        """Record measurements that differ from run to run (tokens/s, MFU, peak memory): they go to
+        run.json under "timings" and to the console, never into metrics.json, which must repeat
+        exactly for the same seed."""
+        self.timings.update(values)
+
     def say(self, message: str) -> None:
+        if not self.is_main:
+            return
         self.console.print(message, markup=False, highlight=False)  # "[nan, nan]" is text, not markup
 
     @contextlib.contextmanager
@@ -115,7 +127,11 @@ class RunContext:
         return self.out_dir / name
 
     def save_figure(self, fig: Any, name: str) -> Path:
-        return save_figure(fig, self.path(name))
+        path = self.path(name)
+        if self.is_main:
+            return save_figure(fig, path)
+        close_figure(fig)
+        return path
 
     # --- checkpoint / resume --------------------------------------------------------------------
     def _comparable_config(self) -> dict[str, Any]:
@@ -124,7 +140,9 @@ class RunContext:
 
     def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
         """Save `state` plus the logged history and global RNG states; `step` is the number of
-        completed iterations, so a resumed loop starts at `step`."""
+        completed iterations, so a resumed loop starts at `step`. Only rank 0 writes."""
+        if not self.is_main:
+            return
         artifacts.save_checkpoint(self.checkpoint_path, {
             "step": step, "config": self._comparable_config(), "state": _to_python(state),
             "tables": self.tables, "rng": _to_python(global_rng_state()),
@@ -175,6 +193,8 @@ class RunResult:
     config: Any
     metrics: dict[str, Any]
     checks: list[dict[str, Any]]
+    timings: dict[str, float]
+    """measurements that vary from run to run (speed, memory); in run.json, not metrics.json"""
     wall_time_s: float
     out_dir: Path
 
@@ -213,6 +233,8 @@ def execute(module: Module, preset: str = "toy", overrides: list[str] = (), seed
                            f"missing {missing}, undeclared {extra}")
     checks = [c.evaluate(metrics) for c in module.checks if c.applies(preset, config)]
     skipped = [c.describe() for c in module.checks if not c.applies(preset, config)]
+    if not ctx.is_main:  # a torchrun rank other than 0: same metrics, rank 0 writes them
+        return RunResult(module.name, preset, config, metrics, checks, ctx.timings, wall, ctx.out_dir)
 
     for table, rows in ctx.tables.items():
         artifacts.write_csv(ctx.out_dir / f"{table}.csv", rows)
@@ -224,6 +246,7 @@ def execute(module: Module, preset: str = "toy", overrides: list[str] = (), seed
         "overrides": list(overrides), "seed": config.seed, "started_at": started.isoformat(),
         "wall_time_s": round(wall, 3), "threads": used_threads,
         "resumed_from_step": ctx.resumed_from, "status": status, "checks": checks,
+        "timings": ctx.timings,
         "checks_skipped": skipped, "metrics": metrics,
         "artifacts": sorted({*ctx.files, *(f"{t}.csv" for t in ctx.tables), "metrics.json"}),
         "versions": versions(), "git": git_state(),
@@ -231,7 +254,7 @@ def execute(module: Module, preset: str = "toy", overrides: list[str] = (), seed
     artifacts.write_json(ctx.out_dir / "run.json", record)
     _update_index(module, preset, ctx.out_dir, record)
     ctx.checkpoint_path.unlink(missing_ok=True)
-    return RunResult(module.name, preset, config, metrics, checks, wall, ctx.out_dir)
+    return RunResult(module.name, preset, config, metrics, checks, ctx.timings, wall, ctx.out_dir)
 
 
 def _update_index(module: Module, preset: str, out_dir: Path, record: dict[str, Any]) -> None:

@@ -1,30 +1,18 @@
 """Values of the attention-variants module (pre_train/llm/attention): cache sizes against hand-computed
-closed forms, the unigram baseline against hand-made counts, the per-arch configs, and one toy run."""
+closed forms, the per-arch configs, and one toy run."""
 from __future__ import annotations
 
-import dataclasses
-import math
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import read_metrics
 from core.model import Transformer
-from pre_train.llm.attention.code.attention import (ARCHS, Config, lr_at, measured_cache_bytes_per_token,
-                                                    model_config, unigram_entropy)
+from pre_train.llm.attention.code.attention import ARCHS, Config, measured_cache_bytes_per_token, model_config
 from pre_train.llm.attention.module import MODULE
 
 TOY: Config = MODULE.presets["toy"]
 FP32 = 4
-
-
-def test_unigram_entropy_of_hand_made_tokens():
-    assert unigram_entropy(np.array([0, 0, 1, 1]), 8) == pytest.approx(math.log(2))
-    assert unigram_entropy(np.array([0, 1, 2, 3]), 4) == pytest.approx(math.log(4))
-    assert unigram_entropy(np.array([5, 5, 5]), 8) == pytest.approx(0.0)
-    p = np.array([3, 1]) / 4  # [0, 0, 0, 1]
-    assert unigram_entropy(np.array([0, 0, 0, 1]), 2) == pytest.approx(-(p * np.log(p)).sum())
 
 
 def test_every_arch_has_the_same_width_and_depth_and_its_kv_heads():
@@ -53,15 +41,6 @@ def test_allocated_cache_matches_a_hand_computed_formula(arch):
     expected = per_layer * FP32 * cfg.n_layer
     assert measured_cache_bytes_per_token(model, 7) == expected
     assert model.cache_bytes_per_token() == expected
-
-
-def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    cfg = dataclasses.replace(TOY, lr=1.0, warmup=4, steps=20)
-    assert lr_at(0, cfg) == pytest.approx(0.25)
-    assert lr_at(3, cfg) == pytest.approx(1.0)
-    assert lr_at(4, cfg) == pytest.approx(1.0)
-    assert lr_at(20, cfg) == pytest.approx(0.1)
-    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(4, 20))
 
 
 def test_toy_run_reports_the_closed_forms_and_its_artifacts(run_module):

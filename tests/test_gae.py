@@ -2,8 +2,6 @@
 definition, then the gae module's exact MDP quantities, its statistics and its presets."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch

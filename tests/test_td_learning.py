@@ -2,13 +2,9 @@
 == TD(0) exactly. The toy run, its determinism and resume are covered in tests/test_modules.py."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from conftest import read_metrics
-from core.run_context import RunContext
 from post_train.rl_basics.td_learning.code.td_learning import (
     WALK_STATES, random_walk_episode, stack_episodes, td0_episode, td_lambda, true_walk_values)
 

@@ -20,7 +20,6 @@ the loss of a model that ignores the context, so a model that learned nothing ca
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -30,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from core.attention import tensor_bytes
-from core.corpus import TokenBins, generate_stories, pack_documents, split_documents, write_token_bin
+from core.corpus import TokenBins, generate_stories, split_documents, unigram_entropy, write_token_bins
 from core.model import Transformer, named_config
 from core.tokenizer import load_tokenizer
+from core.training import adamw_groups, cosine_lr
 
 ARCHS = ("llama", "gqa", "mqa", "mla", "moba", "nsa")
 """core/model.py named configs; llama is the MHA baseline"""
@@ -101,29 +101,14 @@ def measured_cache_bytes_per_token(model: Transformer, length: int) -> float:
     return sum(tensor_bytes(c) for c in caches) / length
 
 
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """H = -sum_w p(w) ln p(w) (nats) of the token frequencies: the loss of a context-blind model."""
-    p = np.bincount(tokens, minlength=vocab_size) / len(tokens)
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup, then cosine decay from lr to 0.1 lr."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def pretrain(model: Transformer, bins: TokenBins, cfg: Config) -> None:
     """cfg.steps AdamW steps of next-token cross-entropy on random train windows."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(adamw_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     batches = torch.Generator().manual_seed(cfg.seed)  # the same windows for every architecture
     model.train()
     for step in range(cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps)
         x, y = bins.get_batch("train", cfg.batch_size, cfg.block_size, batches)
         logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # -1/N sum log p(x_{t+1} | x_<=t)
@@ -155,19 +140,19 @@ def decode_tokens_per_s(model: Transformer, n_tokens: int, bos_id: int) -> float
     return n_tokens / (time.perf_counter() - start)
 
 
-def build_token_bins(cfg: Config, ctx) -> tuple[TokenBins, np.ndarray, int, int]:
+def build_token_bins(cfg: Config, ctx) -> tuple[TokenBins, int, int]:
     """Generated stories -> sentencepiece ids -> train.bin / val.bin in the run's output folder."""
     tok = load_tokenizer(cfg.vocab_size, say=ctx.say)
     train_docs, val_docs = split_documents(generate_stories(cfg.n_stories, cfg.seed), cfg.val_fraction, cfg.seed)
-    train = pack_documents((tok.encode(d) for d in train_docs), tok.eos_id)
-    val = pack_documents((tok.encode(d) for d in val_docs), tok.eos_id)
-    train_bin = write_token_bin(train, ctx.path("data/train.bin"))
-    write_token_bin(val, ctx.path("data/val.bin"))
-    return TokenBins(train_bin.parent), train, tok.vocab_size, tok.bos_id
+    folder = ctx.path("data/train.bin").parent
+    ctx.path("data/val.bin")
+    return write_token_bins(folder, {"train": train_docs, "val": val_docs}, tok.encode, tok.eos_id), \
+        tok.vocab_size, tok.bos_id
 
 
 def run(cfg: Config, ctx) -> dict:
-    bins, train_tokens, vocab_size, bos_id = build_token_bins(cfg, ctx)
+    bins, vocab_size, bos_id = build_token_bins(cfg, ctx)
+    train_tokens = bins.splits["train"]
     entropy = unigram_entropy(train_tokens, vocab_size)
     ctx.say(f"{len(train_tokens)} train tokens, unigram entropy {entropy:.3f} nats")
 
