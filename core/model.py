@@ -90,6 +90,24 @@ class ModelConfig:
     nsa_window: int = 64
     """sliding-window branch: each query sees the last nsa_window tokens, itself included"""
 
+    def __post_init__(self) -> None:
+        """Refuse shapes the layers cannot take, with the reason (not an assert deep in a layer)."""
+        problems = []
+        if self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        elif (self.n_embd // self.n_head) % 2 and self.attention != "mla":
+            problems.append(f"head_dim = n_embd / n_head = {self.n_embd // self.n_head} is odd: RoPE rotates pairs")
+        if self.n_head % self.n_kv_head:
+            problems.append(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
+        if self.attention == "mla" and self.qk_rope_head_dim % 2:
+            problems.append(f"qk_rope_head_dim={self.qk_rope_head_dim} is odd: RoPE rotates pairs")
+        if self.attention == "moba" and self.moba_block_size < 1 or self.attention == "nsa" and self.nsa_block_size < 1:
+            problems.append("the sparse-attention block size must be at least 1 (block_size too small?)")
+        if self.ffn == "moe" and not 1 <= self.moe_top_k <= self.n_experts:
+            problems.append(f"moe_top_k={self.moe_top_k} must be in [1, n_experts={self.n_experts}]")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
 
 # -------------------------------------------------------------------------------------- layers
 

@@ -114,6 +114,17 @@ def test_a_metric_missing_from_the_run_raises(registry, ran, capsys):
     assert "success_rate" in capsys.readouterr().err
 
 
+def test_timings_are_quoted_when_the_run_has_them_and_older_runs_still_render(registry, ran):
+    mdp = registry.get("mdp")
+    latest = find_latest_run(mdp)
+    assert latest.record["timings"] == {}, "mdp measures no speed"
+    assert "Speed and memory" not in render_brief(mdp, "en", latest)
+    latest.record["timings"] = {"tokens_per_s": 5286.4, "mfu": 0.4866}
+    assert "`tokens_per_s` = 5286, `mfu` = 0.4866" in render_brief(mdp, "en", latest)
+    del latest.record["timings"]  # a run.json written before timings existed
+    assert "Speed and memory" not in render_brief(mdp, "en", latest)
+
+
 def test_both_languages_render_from_the_same_sources(registry, ran):
     mdp = registry.get("mdp")
     assert set(labels("zh")) == set(labels("en")), "every label exists in both languages"

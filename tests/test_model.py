@@ -165,9 +165,10 @@ def test_export_refuses_non_llama_architectures(tmp_path):
         export_hf(random_model("mla"), tmp_path)
 
 
-def test_hf_transformers_loads_the_export_with_the_same_logits(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_transformers_loads_the_export_with_the_same_logits(tmp_path, tied):
     transformers = pytest.importorskip("transformers")
-    model = random_model("gqa", tie_embeddings=False).float()
+    model = random_model("gqa", tie_embeddings=tied).float()
     export_hf(model, tmp_path)
     hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32).eval()
     idx = tokens(2, 11)

@@ -140,8 +140,11 @@ def prepare_data(cfg: Config, ctx) -> tuple[TokenBins, Tokenizer, list[str]]:
 
 
 def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
-    return scaled_config(cfg.arch, vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                         n_embd=cfg.n_embd, n_head=cfg.n_head)
+    try:
+        return scaled_config(cfg.arch, vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                             n_embd=cfg.n_embd, n_head=cfg.n_head)
+    except ValueError as exc:  # a --set that the architecture cannot take: exit 2 with the reason
+        raise UserError(f"{exc} (arch={cfg.arch})") from None
 
 
 # --- measuring -----------------------------------------------------------------------------------
