@@ -19,7 +19,7 @@ demo: setup
 	$(PY) run.py --module mdp --toy
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 toy-times: setup
 	$(PY) benchmarks/toy_times.py
