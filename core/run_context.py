@@ -99,8 +99,8 @@ class RunContext:
 
     def measure(self, **values: float) -> None:
         """Record measurements that differ from run to run (tokens/s, MFU, peak memory): they go to
-        run.json under "timings" and to the console, never into metrics.json, which must repeat
-        exactly for the same seed."""
+        run.json under "timings" (run.py prints them, briefs quote them), never into metrics.json,
+        which must repeat exactly for the same seed."""
         self.timings.update(values)
 
     def say(self, message: str) -> None:
