@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from core.attention import tensor_bytes
 from core.corpus import TokenBins, generate_stories, split_documents, unigram_entropy, write_token_bins
-from core.model import Transformer, named_config
+from core.model import Transformer, scaled_config
 from core.tokenizer import load_tokenizer
 from core.training import adamw_groups, cosine_lr
 
@@ -84,14 +84,12 @@ class Config:
 
 
 def model_config(arch: str, cfg: Config, vocab_size: int):
-    """The named config of `arch`, resized to this run's width, depth and context."""
-    head_dim = cfg.n_embd // cfg.n_head
-    kv_heads = {"gqa": cfg.gqa_kv_heads, "mqa": 1}.get(arch, cfg.n_head)
-    return named_config(
+    """The named config of `arch`, scaled to this run's width, depth and context (core/model.py:
+    scaled_config), with this module's kv-head, latent and sparse-block settings."""
+    return scaled_config(
         arch, vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
-        n_head=cfg.n_head, n_kv_head=kv_heads, ffn_hidden=round(8 / 3 * cfg.n_embd),
-        kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=head_dim, qk_rope_head_dim=head_dim // 2,
-        v_head_dim=head_dim, moba_block_size=cfg.sparse_block, moba_top_k=cfg.sparse_top_k,
+        n_head=cfg.n_head, n_kv_head={"gqa": cfg.gqa_kv_heads, "mqa": 1}.get(arch, cfg.n_head),
+        kv_lora_rank=cfg.kv_lora_rank, moba_block_size=cfg.sparse_block, moba_top_k=cfg.sparse_top_k,
         nsa_block_size=cfg.sparse_block, nsa_top_k=cfg.sparse_top_k, nsa_window=cfg.nsa_window)
 
 
