@@ -24,10 +24,10 @@ from rich.table import Table
 
 from core.artifacts import UserError
 from core.config import ConfigError, field_docs, field_types, type_name
-from core.questions import load_bank
+from core.distributed import is_main_process
 from core.registry import Module, Registry, UnknownModule, discover
 from core.run_context import RunResult, execute, read_run_index
-from core.training import is_main_process
+from learning.questions import load_bank
 
 # piped output (CI logs, tests) gets wide tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -90,7 +90,7 @@ def report_broken(registry: Registry) -> None:
 
 
 def cmd_progress(registry: Registry) -> int:
-    from core import roadmap  # the study layer loads only when asked for
+    from learning import roadmap  # the study layer loads only when asked for
     try:
         report = roadmap.progress_report(registry, None, datetime.now(timezone.utc))
     except roadmap.PROGRESS_ERRORS as exc:

@@ -28,9 +28,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.corpus import TokenBins, write_token_bin  # noqa: E402
-from core.model import Transformer  # noqa: E402
-from core.training import adamw_groups  # noqa: E402
+from core.data.corpus import TokenBins, write_token_bin  # noqa: E402
+from core.nn.model import Transformer  # noqa: E402
+from core.nn.training import adamw_groups  # noqa: E402
 from pre_train.llm.nanogpt.code.nanogpt import (Arch, compute_dtype, matmul_peak_flops, model_config,  # noqa: E402
                                                train_step)
 from pre_train.llm.nanogpt.module import MODULE  # noqa: E402

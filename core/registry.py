@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from core.brief_text import BriefTextError, parse_brief_text
 from core.checks import Check
+from core.contract import BriefTextError, parse_brief_text
+from core.contract import BankError, parse_bank
 from core.paths import ROOT
-from core.questions import BankError, parse_bank
 
 SEARCH_ROOTS = ("pre_train", "post_train")
 REQUIRED_PRESETS = ("toy", "default")

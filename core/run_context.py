@@ -34,10 +34,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from core import artifacts
 from core.config import apply_overrides, to_dict
+from core.distributed import is_main_process
 from core.paths import ROOT, run_index_path, workdir
 from core.plots import close_figure, save_figure
 from core.registry import Module
-from core.training import is_main_process
 
 VERSIONED_PACKAGES = ("torch", "numpy", "gymnasium", "matplotlib", "pandas", "rich")
 RESUME_FREE_FIELDS = ("resume", "checkpoint_every")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Render learning/ROADMAP_14_DAYS.md and learning/LEVEL_CHECKPOINTS.md from learning/roadmap.toml
-and learning/levels.toml (templates: core/templates/roadmap.md.j2, checkpoints.md.j2).
+and learning/levels.toml (templates: learning/templates/roadmap.md.j2, checkpoints.md.j2).
 
     python scripts/build_learning_docs.py            # write both files
     python scripts/build_learning_docs.py --check    # write nothing; exit 1 if a committed file is stale
@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 
 from core.artifacts import atomic_write_text  # noqa: E402
-from core.questions import BankError  # noqa: E402
+from core.contract import BankError  # noqa: E402
 from core.registry import discover  # noqa: E402
-from core.roadmap import RoadmapError, load_roadmap, not_on_roadmap, rendered_docs  # noqa: E402
+from learning.roadmap import RoadmapError, load_roadmap, not_on_roadmap, rendered_docs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

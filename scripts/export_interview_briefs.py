@@ -21,10 +21,10 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 
 from core.artifacts import CorruptArtifact  # noqa: E402
-from core.brief_text import LANGS  # noqa: E402
-from core.briefs import FORMATS, BriefError, export_briefs  # noqa: E402
+from core.contract import LANGS  # noqa: E402
 from core.paths import workdir  # noqa: E402
 from core.registry import discover  # noqa: E402
+from learning.briefs import FORMATS, BriefError, export_briefs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,9 +23,9 @@ from rich.console import Console  # noqa: E402
 from rich.markdown import Markdown  # noqa: E402
 
 from core.artifacts import CorruptArtifact, atomic_write_text  # noqa: E402
-from core.brief_text import LANGS  # noqa: E402
-from core.briefs import BriefError, brief_for  # noqa: E402
+from core.contract import LANGS  # noqa: E402
 from core.registry import UnknownModule, discover  # noqa: E402
+from learning.briefs import BriefError, brief_for  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

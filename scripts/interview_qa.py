@@ -46,10 +46,11 @@ from rich.markup import escape  # noqa: E402
 from rich.panel import Panel  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from core.grader import Grade, grade  # noqa: E402
-from core.progress_db import ProgressDB, ProgressDBError  # noqa: E402
-from core.questions import LEVELS, BankError, Question, all_questions  # noqa: E402
+from core.contract import LEVELS, BankError, Question  # noqa: E402
 from core.registry import Registry, UnknownModule, discover  # noqa: E402
+from learning.grader import Grade, grade  # noqa: E402
+from learning.progress_db import ProgressDB, ProgressDBError  # noqa: E402
+from learning.questions import all_questions  # noqa: E402
 
 INTERACTIVE_COUNT = 10
 SPAN_CHARS = 90

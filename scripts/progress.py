@@ -28,7 +28,7 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
 from core.registry import UnknownModule, discover  # noqa: E402
-from core.roadmap import PROGRESS_ERRORS, ROADMAP_DAYS, print_progress, progress_report  # noqa: E402
+from learning.roadmap import PROGRESS_ERRORS, ROADMAP_DAYS, print_progress, progress_report  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)

@@ -6,7 +6,7 @@
     python scripts/smoke_test.py --allow-fail                  # report only: exit 0 whatever happens
 
 Runs go to a temporary work dir, so the learner's own runs and run index are untouched. The report
-goes to output/smoke_reports/smoke_<UTC time>.json and latest.json (schema: core/smoke.py).
+goes to output/smoke_reports/smoke_<UTC time>.json and latest.json (schema: learning/smoke.py).
 Exit status: 0 every module PASS and no regression against the previous report, 1 otherwise
 (0 with --allow-fail), 2 bad input, 130 interrupted (no report written).
 """
@@ -24,8 +24,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core import smoke  # noqa: E402
 from core.registry import Module, Registry, UnknownModule, discover  # noqa: E402
+from learning import smoke  # noqa: E402
 
 STATUS_STYLE = {"PASS": "green", "CHECK_FAILED": "yellow", "FAIL": "red", "TIMEOUT": "magenta"}
 ERROR_TAIL_LINES = 5

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.rl import EpisodeBatch, gae, play_episodes
+from core.rl.rollouts import EpisodeBatch, gae, play_episodes
 from post_train.rl_basics.advantage.code.advantage import (
     Config, estimate_advantages, n_step_advantages, per_episode_gradients, per_step_logp_grads,
     td_errors,

@@ -1,4 +1,4 @@
-"""Attention variants of core/attention.py against independent references, in float64."""
+"""Attention variants of core/nn/attention.py against independent references, in float64."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.attention import (GroupedQueryAttention, MoBA, MultiHeadLatentAttention,
-                            NativeSparseAttention, apply_rope, rope_cos_sin, tensor_bytes)
-from core.model import NAMED_CONFIGS, Transformer, named_config
+from core.nn.attention import (GroupedQueryAttention, MoBA, MultiHeadLatentAttention, NativeSparseAttention, apply_rope,
+                               rope_cos_sin, tensor_bytes)
+from core.nn.model import NAMED_CONFIGS, Transformer, named_config
 
 # tiny sizes shared by the model tests: 2 layers, width 32, 4 heads of 8, blocks of 4 tokens
 TINY = dict(vocab_size=37, block_size=48, n_layer=2, n_head=4, n_embd=32, ffn_hidden=24,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import read_metrics
-from core.model import Transformer
+from core.nn.model import Transformer
 from pre_train.llm.attention.code.attention import ARCHS, Config, measured_cache_bytes_per_token, model_config
 from pre_train.llm.attention.module import MODULE
 
@@ -30,7 +30,7 @@ def test_allocated_cache_matches_a_hand_computed_formula(arch):
     torch.manual_seed(0)
     model = Transformer(cfg)
     head_dim = cfg.n_embd // cfg.n_head
-    per_layer = {  # elements per token and layer, written out independently of core/attention.py
+    per_layer = {  # elements per token and layer, written out independently of core/nn/attention.py
         "llama": 2 * cfg.n_head * head_dim,
         "gqa": 2 * TOY.gqa_kv_heads * head_dim,
         "mqa": 2 * head_dim,

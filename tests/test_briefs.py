@@ -12,11 +12,12 @@ import pytest
 from jinja2 import UndefinedError
 
 from core import artifacts
-from core.brief_text import LANGS, SECTION_SECONDS, parse_brief_text, speaking_seconds
-from core.briefs import (BriefError, brief_for, find_latest_run, follow_up_questions, format_number, labels,
-                         render_brief)
-from core.questions import load_bank
+from core.contract import LANGS, SECTION_SECONDS, parse_brief_text
 from core.run_context import execute, latest_run
+from learning.briefs import speaking_seconds
+from learning.briefs import (BriefError, brief_for, find_latest_run, follow_up_questions, format_number, labels,
+                             render_brief)
+from learning.questions import load_bank
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import export_interview_briefs  # noqa: E402

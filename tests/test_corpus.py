@@ -1,4 +1,4 @@
-"""core/corpus.py: the story generator, the document split, the packed token bins and the
+"""core/data/corpus.py: the story generator, the document split, the packed token bins and the
 downloader's offline error."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.corpus import (DownloadError, TokenBins, download_tinystories, generate_stories, pack_documents,
-                         split_documents, write_token_bin)
+from core.data.corpus import (DownloadError, TokenBins, download_tinystories, generate_stories, pack_documents,
+                              split_documents, write_token_bin)
 
 
 def test_same_seed_same_corpus_and_another_seed_another():

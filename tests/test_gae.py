@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import read_metrics
-from core.rl import discounted_returns, gae
+from core.rl.rollouts import discounted_returns, gae
 from post_train.rl_basics.gae.code.gae import (Config, exact_values, expected_gae_bias, gae_advantages, pair_stats,
                                                policy_transition, random_mdp, rollout)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from fsrs import Rating
 
-from core.grader import SynonymError, Synonyms, default_synonyms, grade, suggested_rating
-from core.questions import all_questions
+from learning.grader import SynonymError, Synonyms, default_synonyms, grade, suggested_rating
+from learning.questions import all_questions
 
 MDP_KEY_POINTS = ["discount factor", "Markov property", "terminal state"]
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import fsrs
 import pytest
 
-from core.grader import grade
-from core.progress_db import ProgressDB, ProgressDBError
-from core.questions import LEVELS, Question, all_questions, load_bank
+from core.contract import LEVELS, Question
 from core.registry import discover
+from learning.grader import grade
+from learning.progress_db import ProgressDB, ProgressDBError
+from learning.questions import all_questions, load_bank
 from scripts import interview_qa
 
 T0 = datetime(2030, 6, 15, 12, 0, tzinfo=timezone.utc)

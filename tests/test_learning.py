@@ -13,12 +13,13 @@ import fsrs
 import pytest
 
 import run
-from core import roadmap, smoke
-from core.grader import grade
+from core.contract import Question
 from core.paths import ROOT
-from core.progress_db import ProgressDB
-from core.questions import Question, load_bank
-from core.roadmap import Drill, RoadmapError, Runs
+from learning import roadmap, smoke
+from learning.grader import grade
+from learning.progress_db import ProgressDB
+from learning.questions import load_bank
+from learning.roadmap import Drill, RoadmapError, Runs
 from scripts import build_learning_docs, interview_qa, progress, smoke_test
 
 NOW = datetime.now(timezone.utc)  # the run index records real finishing times, so progress is judged now

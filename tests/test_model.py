@@ -1,4 +1,4 @@
-"""The shared transformer (core/model.py): norms, sampling filters, tying, parameter count, KV-cache
+"""The shared transformer (core/nn/model.py): norms, sampling filters, tying, parameter count, KV-cache
 decoding for every named architecture, generation and the Hugging Face export."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.model import (NAMED_CONFIGS, RMSNorm, Transformer, export_hf, top_k_filter, top_p_filter)
+from core.nn.model import NAMED_CONFIGS, Transformer, export_hf, top_k_filter, top_p_filter
+from core.nn.norm import RMSNorm
 from test_attention import reference_gqa, tiny
 
 

@@ -1,4 +1,4 @@
-"""core/moe.py against hand computations: 1 expert + top-1 equals the dense SwiGLU, the
+"""core/nn/moe.py against hand computations: 1 expert + top-1 equals the dense SwiGLU, the
 load-balancing loss (value 1.0 at perfect balance, and a hand-computed batch), capacity dropping on
 a hand-made routing, shared experts, and the router's gradient through the combine weights."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.moe import MoE, SwiGLU, capacity, load_balancing_loss
+from core.nn.moe import MoE, SwiGLU, capacity, load_balancing_loss
 
 D = 8
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from core.artifacts import UserError
-from core.corpus import TokenBins, write_token_bin
-from core.model import Transformer, load_model, scaled_config
+from core.data.corpus import TokenBins, write_token_bin
+from core.nn.model import Transformer, load_model, scaled_config
+from core.nn.training import adamw_groups
 from core.paths import ROOT
-from core.training import adamw_groups
 from pre_train.llm.nanogpt.code.nanogpt import check_batch, known_word_fraction, train_step
 from pre_train.llm.nanogpt.module import MODULE
 

@@ -1,4 +1,4 @@
-"""Offline RL: the shared CartPole datasets (core/offline.py) and the loss pieces of cql and bcq,
+"""Offline RL: the shared CartPole datasets (core/rl/offline.py) and the loss pieces of cql and bcq,
 against independent computations on hand-made inputs. The toy presets themselves (checks and
 determinism) run in tests/test_modules.py."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.offline import QUALITIES, ExpertController, Minibatch, OfflineDataset, bc_loss, collect_dataset, mc_returns
-from core.rl import play_episodes
+from core.rl.offline import QUALITIES, ExpertController, Minibatch, OfflineDataset, bc_loss, collect_dataset, mc_returns
+from core.rl.rollouts import play_episodes
 from post_train.offline_rl.bcq.code.bcq import FilteredPolicy, allowed_actions, bcq_target, filtered_argmax
 from post_train.offline_rl.bcq.code.bcq import Config as BCQConfig
 from post_train.offline_rl.cql.code.cql import cql_penalty, td_target

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from core.rl import EpisodeBatch
+from core.rl.rollouts import EpisodeBatch
 from post_train.alignment.policy_gradient.code.policy_gradient import (
     Config, policy_weights, reinforce_loss, reward_to_go, time_to_solve,
 )

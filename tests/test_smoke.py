@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core import smoke
+from learning import smoke
 from scripts.smoke_test import main
 
 FAST = ["mdp", "gae"]

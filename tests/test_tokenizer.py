@@ -1,13 +1,13 @@
 """The from-scratch byte-level BPE (pre_train/llm/tokenizer/code/bpe.py), the shared sentencepiece
-tokenizer (core/tokenizer.py) and the tokenizer module's toy run."""
+tokenizer (core/data/tokenizer.py) and the tokenizer module's toy run."""
 from __future__ import annotations
 
 import pytest
 
 from conftest import read_metrics
-from core.corpus import generate_stories
+from core.data.corpus import generate_stories
+from core.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, trained_model_path
 from core.paths import workdir
-from core.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, trained_model_path
 from pre_train.llm.tokenizer.code.bpe import PRETOKENIZE, ByteBPE, learn_merges, merge
 
 FIRST_ID = 256 + len(SPECIAL_TOKENS)

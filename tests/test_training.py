@@ -1,4 +1,4 @@
-"""The shared training pieces (core/training.py, core/corpus.py, core/model.py): AdamW parameter
+"""The shared training pieces (core/nn/training.py, core/data/corpus.py, core/nn/model.py): AdamW parameter
 groups, the learning-rate schedule, the unigram baseline, FLOPs per token, scaled configs and the
 safetensors save/load round trip."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from core.artifacts import UserError
-from core.corpus import unigram_entropy
-from core.model import NAMED_CONFIGS, Transformer, load_model, save_model, scaled_config
-from core.training import adamw_groups, cosine_lr
+from core.data.corpus import unigram_entropy
+from core.nn.model import NAMED_CONFIGS, Transformer, load_model, save_model, scaled_config
+from core.nn.training import adamw_groups, cosine_lr
 
 SMALL = dict(vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=4)
 

@@ -1,6 +1,6 @@
 from core.checks import Check
-from core.offline import QUALITIES
 from core.registry import Module
+from core.rl.offline import QUALITIES
 
 from .code.cql import METHODS, Config, run
 

@@ -28,7 +28,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from torch import nn
 
-from core.rl import derived_seed, first_solved_episode, gae, play_episodes
+from core.rl.rollouts import derived_seed, first_solved_episode, gae, play_episodes
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.rl import EpisodeBatch, derived_seed, discounted_returns, first_solved_episode, play_episodes
+from core.rl.rollouts import EpisodeBatch, derived_seed, discounted_returns, first_solved_episode, play_episodes
 
 
 @dataclass

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.rl import first_solved_episode, gae, play_episodes
+from core.rl.rollouts import first_solved_episode, gae, play_episodes
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Discrete Batch-Constrained deep Q-learning (Fujimoto, Conti, Ghavamzadeh & Pineau 2019,
 "Benchmarking Batch Deep Reinforcement Learning Algorithms", section 4) on fixed CartPole-v1 datasets
-of three qualities (core/offline.py: expert, noisy, random), with a sweep over its threshold tau.
+of three qualities (core/rl/offline.py: expert, noisy, random), with a sweep over its threshold tau.
 
 Offline Q-learning fails on actions the data never took: nothing corrects their Q-values, and the
 max in the target picks whichever is over-estimated (extrapolation error, Fujimoto et al. 2019). BCQ
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.offline import (QUALITIES, Minibatch, MinibatchSampler, OfflineDataset, bc_loss, collect_dataset,
-                          greedy_returns, q_network)
-from core.rl import derived_seed
+from core.rl.offline import (QUALITIES, Minibatch, MinibatchSampler, OfflineDataset, bc_loss, collect_dataset,
+                             greedy_returns, q_network)
+from core.rl.rollouts import derived_seed
 
 
 @dataclass

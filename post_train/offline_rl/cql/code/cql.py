@@ -1,6 +1,6 @@
 """Conservative Q-Learning (Kumar et al. 2020, "Conservative Q-Learning for Offline Reinforcement
 Learning", discrete CQL(H), eq. 4) against naive offline DQN and behaviour cloning, on fixed CartPole-v1
-datasets of three qualities (core/offline.py: expert, noisy, random).
+datasets of three qualities (core/rl/offline.py: expert, noisy, random).
 
 Offline DQN (Mnih et al. 2015, without the environment) minimises the TD error on dataset transitions:
     y        = r + gamma * (1 - terminated) * max_a' Q_target(s', a')
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.offline import (QUALITIES, Minibatch, MinibatchSampler, OfflineDataset, bc_loss, collect_dataset,
-                          greedy_returns, mc_returns, q_network)
-from core.rl import derived_seed
+from core.rl.offline import (QUALITIES, Minibatch, MinibatchSampler, OfflineDataset, bc_loss, collect_dataset,
+                             greedy_returns, mc_returns, q_network)
+from core.rl.rollouts import derived_seed
 
 
 @dataclass

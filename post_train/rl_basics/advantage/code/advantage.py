@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from core.rl import EpisodeBatch, derived_seed, discounted_returns, gae, play_episodes
+from core.rl.rollouts import EpisodeBatch, derived_seed, discounted_returns, gae, play_episodes
 
 
 @dataclass

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from core.rl import discounted_returns, gae
+from core.rl.rollouts import discounted_returns, gae
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """MHA vs GQA vs MQA vs MLA vs sparse attention (MoBA, NSA): what each costs at decode time and what
-it costs in quality, measured on the shared transformer family (core/model.py, core/attention.py).
+it costs in quality, measured on the shared transformer family (core/nn/model.py, core/nn/attention.py).
 
 Every architecture gets the same width, depth, data, step budget and seed; only the attention differs.
 For each one we measure:
@@ -28,14 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.attention import tensor_bytes
-from core.corpus import TokenBins, generate_stories, split_documents, unigram_entropy, write_token_bins
-from core.model import Transformer, scaled_config
-from core.tokenizer import load_tokenizer
-from core.training import adamw_groups, cosine_lr
+from core.data.corpus import TokenBins, generate_stories, split_documents, unigram_entropy, write_token_bins
+from core.data.tokenizer import load_tokenizer
+from core.nn.attention import tensor_bytes
+from core.nn.model import Transformer, scaled_config
+from core.nn.training import adamw_groups, cosine_lr
 
 ARCHS = ("llama", "gqa", "mqa", "mla", "moba", "nsa")
-"""core/model.py named configs; llama is the MHA baseline"""
+"""core/nn/model.py named configs; llama is the MHA baseline"""
 LABELS = {"llama": "MHA", "gqa": "GQA", "mqa": "MQA", "mla": "MLA", "moba": "MoBA", "nsa": "NSA"}
 
 
@@ -44,11 +44,11 @@ class Config:
     seed: int = 0
     """seeds the corpus split, the weights and the batches (identical for every architecture)"""
     n_stories: int = 1500
-    """generated stories (core/corpus.py), split by document into train / val"""
+    """generated stories (core/data/corpus.py), split by document into train / val"""
     val_fraction: float = 0.1
     """fraction of the stories held out for the val loss"""
     vocab_size: int = 512
-    """sentencepiece vocabulary (trained on demand by core/tokenizer.py and cached)"""
+    """sentencepiece vocabulary (trained on demand by core/data/tokenizer.py and cached)"""
     n_layer: int = 2
     """transformer blocks (the same for every architecture)"""
     n_embd: int = 128
@@ -84,7 +84,7 @@ class Config:
 
 
 def model_config(arch: str, cfg: Config, vocab_size: int):
-    """The named config of `arch`, scaled to this run's width, depth and context (core/model.py:
+    """The named config of `arch`, scaled to this run's width, depth and context (core/nn/model.py:
     scaled_config), with this module's kv-head, latent and sparse-block settings."""
     return scaled_config(
         arch, vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,

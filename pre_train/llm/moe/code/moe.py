@@ -3,7 +3,7 @@
 Data: a synthetic order-2 Markov source over a small vocabulary (sparse Dirichlet next-token
 tables), generated here from the seed, so the exact conditional entropy H(next | 2 previous) is a
 known floor and the unigram entropy a baseline. Model: embed the two previous tokens, one residual
-MoE feed-forward block (core/moe.py), predict the next token:
+MoE feed-forward block (core/nn/moe.py), predict the next token:
 
     h = W_in [emb(a); emb(b)]
     h = h + MoE(RMSNorm(h))                                    # the layer under study
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.moe import MoE
+from core.nn.moe import MoE
 
 VARIANTS = ("no_aux", "aux", "deepseek")
 

@@ -1,10 +1,10 @@
-"""nanoGPT-style pretraining of the shared transformer family (core/model.py) on generated stories.
+"""nanoGPT-style pretraining of the shared transformer family (core/nn/model.py) on generated stories.
 
     corpus   generated TinyStories-like stories (or the real TinyStories with source=tinystories),
              split by document, sentencepiece ids packed into uint16 bins, random windows of T tokens
     loss     L = -1/(B T) sum_b sum_t log p(x_{b,t+1} | x_{b,<=t})          next-token cross-entropy
              (+ aux_loss_coef * load-balancing loss for the MoE archs)
-    update   AdamW (Loshchilov & Hutter 2019), decay on matrices only (core/training.py: adamw_groups),
+    update   AdamW (Loshchilov & Hutter 2019), decay on matrices only (core/nn/training.py: adamw_groups),
              linear warmup + cosine decay (cosine_lr), global-norm gradient clipping,
              gradient accumulation: the global batch of B windows runs as grad_accum micro-batches
              per rank, each loss divided by grad_accum so the summed gradient is that of the mean
@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from core.artifacts import UserError, atomic_write_text
-from core.corpus import TokenBins, load_stories, split_documents, unigram_entropy, write_token_bins
-from core.model import ModelConfig, Transformer, save_model, scaled_config
+from core.data.corpus import TokenBins, load_stories, split_documents, unigram_entropy, write_token_bins
+from core.data.tokenizer import Tokenizer, load_tokenizer
+from core.distributed import barrier, init_distributed
+from core.nn.model import ModelConfig, Transformer, save_model, scaled_config
+from core.nn.training import adamw_groups, cosine_lr
 from core.paths import workdir
-from core.tokenizer import Tokenizer, load_tokenizer
-from core.training import adamw_groups, barrier, cosine_lr, init_distributed
 
 Arch = Literal["llama", "gqa", "mqa", "mla", "moba", "nsa", "moe", "deepseek_v2"]
 
@@ -47,7 +48,7 @@ Arch = Literal["llama", "gqa", "mqa", "mla", "moba", "nsa", "moe", "deepseek_v2"
 @dataclass
 class Config:
     arch: Arch = "llama"
-    """model family member (core/model.py NAMED_CONFIGS), scaled to n_layer / n_embd / n_head"""
+    """model family member (core/nn/model.py NAMED_CONFIGS), scaled to n_layer / n_embd / n_head"""
     source: Literal["generated", "tinystories"] = "generated"
     """corpus: the offline story generator, or the real TinyStories (downloads ~19 MB once)"""
     n_stories: int = 12000

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from core.artifacts import atomic_write_text
-from core.tokenizer import SPECIAL_TOKENS
+from core.data.tokenizer import SPECIAL_TOKENS
 
 Pair = tuple[int, int]
 

@@ -1,5 +1,5 @@
 """Two BPE tokenizers trained on the same corpus: our byte-level BPE from scratch (code/bpe.py) and
-sentencepiece's BPE (core/tokenizer.py, the tokenizer every later LLM module loads).
+sentencepiece's BPE (core/data/tokenizer.py, the tokenizer every later LLM module loads).
 
 Both start from bytes and merge the most frequent adjacent pair (Sennrich et al. 2016):
     (a, b)* = argmax count(a, b);  vocab <- vocab + {ab};  every "a b" in the corpus -> "ab"
@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from core.artifacts import atomic_write, atomic_write_text
-from core.corpus import load_stories, split_documents
+from core.data.corpus import load_stories, split_documents
+from core.data.tokenizer import MODEL_FILE, SPECIAL_TOKENS, Tokenizer, train_sentencepiece
 from core.paths import workdir
-from core.tokenizer import MODEL_FILE, SPECIAL_TOKENS, Tokenizer, train_sentencepiece
 
 from .bpe import ByteBPE
 

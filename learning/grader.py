@@ -37,7 +37,7 @@ from typing import Sequence
 
 from fsrs import Rating
 
-SYNONYMS_PATH = Path(__file__).resolve().parent / "data" / "synonyms.toml"
+SYNONYMS_PATH = Path(__file__).resolve().parent / "synonyms.toml"
 
 # lower score bound of each suggested rating, checked from the top
 RATING_THRESHOLDS = ((0.9, Rating.Easy), (2 / 3, Rating.Good), (1 / 3, Rating.Hard), (0.0, Rating.Again))

@@ -35,9 +35,9 @@ from typing import Iterable
 
 import fsrs
 
-from core.grader import Grade
+from core.contract import Question
 from core.paths import workdir
-from core.questions import Question
+from learning.grader import Grade
 
 APP_MARKER = "finetune-progress"
 SCHEMA_VERSION = 1
@@ -197,8 +197,8 @@ class ProgressDB:
         """module -> level -> mastered fraction (module docstring) over the current question bank,
         loaded from the registry unless given; removed questions no longer count."""
         if questions is None:
-            from core.questions import all_questions  # the registry imports every module: only when needed
             from core.registry import discover
+            from learning.questions import all_questions  # the registry imports every module: only when needed
             questions = all_questions(discover())
         cards = self.cards()
         total: Counter[tuple[str, int]] = Counter()

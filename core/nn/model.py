@@ -5,8 +5,8 @@
     h_l     = a_l + FFN(RMSNorm(a_l))                   FFN = SwiGLU, or an MoE of SwiGLU experts
     logits  = W_out RMSNorm(h_L)                        W_out = E^T with weight tying (Press & Wolf 2017)
 
-The attention variant (MHA/GQA/MQA, MLA, MoBA, NSA) comes from `core/attention.py`, the FFN from
-`core/moe.py`. `NAMED_CONFIGS` holds one small config per architecture (`--set arch=...` in the
+The attention variant (MHA/GQA/MQA, MLA, MoBA, NSA) comes from `core/nn/attention.py`, the FFN from
+`core/nn/moe.py`. `NAMED_CONFIGS` holds one small config per architecture (`--set arch=...` in the
 modules); `export_hf` writes a Llama-architecture model as safetensors + a Hugging Face config.json.
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from core.artifacts import UserError, atomic_write, atomic_write_text
-from core.attention import build_attention
-from core.moe import MoE, SwiGLU
+from core.nn.attention import build_attention
+from core.nn.moe import MoE, SwiGLU
+from core.nn.norm import RMSNorm
 
 
 @dataclass
@@ -110,21 +111,6 @@ class ModelConfig:
 
 
 # -------------------------------------------------------------------------------------- layers
-
-class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019, Eq. 4): y = x / sqrt(mean(x^2) + eps) * g, no mean, no bias."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # statistics in float32 at least, so bf16 activations do not lose the mean of squares
-        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
-
 
 def build_ffn(cfg: ModelConfig) -> nn.Module:
     if cfg.ffn == "dense":

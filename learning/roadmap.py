@@ -50,17 +50,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from core import smoke
 from core.artifacts import CorruptArtifact, read_json
-from core.briefs import TEMPLATES, run_command
+from core.contract import LEVELS as QUESTION_LEVELS
+from core.contract import BankError
 from core.paths import ROOT
-from core.progress_db import ProgressDB, ProgressDBError, default_path
-from core.questions import LEVELS as QUESTION_LEVELS
-from core.questions import BankError, all_questions
 from core.registry import Registry, UnknownModule
 from core.run_context import read_run_index
+from learning import smoke
+from learning.briefs import TEMPLATES, run_command
+from learning.progress_db import ProgressDB, ProgressDBError, default_path
+from learning.questions import all_questions
 
-LEARNING = ROOT / "learning"
+LEARNING = Path(__file__).resolve().parent
 ROADMAP_TOML = LEARNING / "roadmap.toml"
 LEVELS_TOML = LEARNING / "levels.toml"
 ROADMAP_MD = LEARNING / "ROADMAP_14_DAYS.md"

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 import sentencepiece as spm
 
 from core.artifacts import atomic_write
-from core.corpus import generate_stories
+from core.data.corpus import generate_stories
 from core.paths import workdir
 from core.run_context import latest_run, read_run_index
 

@@ -2,7 +2,7 @@
 (metrics and their meanings), its question bank (the follow-ups) and the learner's latest run
 (found through the run index).
 
-All wording lives in core/templates/: brief.md.j2 (one module), index.md.j2 (the run-status table),
+All wording lives in learning/templates/: brief.md.j2 (one module), index.md.j2 (the run-status table),
 briefs.html.j2 (one offline page) and labels.toml (every fixed heading, in each language). The
 templates use StrictUndefined, so a run that lacks a metric the manifest declares fails loudly
 instead of printing a blank.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import re
 import shlex
 import tomllib
 from dataclasses import dataclass
@@ -23,14 +24,20 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, UndefinedErro
 from markdown_it import MarkdownIt
 
 from core.artifacts import atomic_write_text
-from core.brief_text import LANGS, SECTION_SECONDS, parse_brief_text
 from core.config import to_dict
+from core.contract import LANGS, SECTION_SECONDS, Question, parse_brief_text
 from core.paths import workdir
-from core.questions import Question, load_bank
 from core.registry import Module, Registry
 from core.run_context import latest_run, read_run_index
+from learning.questions import load_bank
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+# Typical interview pace: ~150 English words or ~240 Chinese characters a minute.
+WORDS_PER_SECOND = 2.5
+HANZI_PER_SECOND = 4.0
+_HANZI = re.compile(r"[\u4e00-\u9fff]")
+_WORD = re.compile(r"[A-Za-z0-9]+(?:['.-][A-Za-z0-9]+)*")
+
 RUN_SECTION_SECONDS = 60
 FOLLOW_UP_COUNT = 3
 FORMATS = ("md", "html")
@@ -224,3 +231,9 @@ def export_briefs(registry: Registry, out_dir: Path, lang: str, formats: Iterabl
     if "html" in formats:
         written.append(atomic_write_text(out_dir / "briefs.html", render_html(briefs, lang)))
     return written
+
+
+def speaking_seconds(text: str) -> float:
+    """Rough time to say `text` aloud; Chinese characters and Latin words are counted separately,
+    so Chinese text with English terms in it is estimated too."""
+    return len(_HANZI.findall(text)) / HANZI_PER_SECOND + len(_WORD.findall(text)) / WORDS_PER_SECOND

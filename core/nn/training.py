@@ -1,5 +1,5 @@
 """Pieces every language-model training loop here shares: the AdamW parameter groups, the warmup +
-cosine learning-rate schedule, and the distributed (torchrun) process group.
+cosine learning-rate schedule. (The torchrun process group is the platform's: core/distributed.py.)
 
     groups = adamw_groups(model, weight_decay=0.1)     # decay matrices, not norms/biases/embeddings
     opt = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95))
@@ -8,9 +8,7 @@ cosine learning-rate schedule, and the distributed (torchrun) process group.
 from __future__ import annotations
 
 import math
-import os
 
-import torch
 from torch import nn
 
 
@@ -38,28 +36,3 @@ def cosine_lr(step: int, peak: float, warmup: int, total: int, min_ratio: float 
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# --- torchrun --------------------------------------------------------------------------------------
-def world() -> tuple[int, int]:
-    """(rank, world_size) from the variables torchrun sets; (0, 1) for a plain process."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Only rank 0 writes artifacts, checkpoints and the run index."""
-    return world()[0] == 0
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the torchrun process group (gloo on CPU, nccl with one GPU per rank) if there is one."""
-    rank, size = world()
-    if size > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend, rank=rank, world_size=size)
-    return rank, size
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()

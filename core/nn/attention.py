@@ -1,6 +1,6 @@
 """Attention variants of the shared transformer family, built by `build_attention(cfg)`.
 
-Every variant has the same interface, so `core/model.py` never looks inside:
+Every variant has the same interface, so `core/nn/model.py` never looks inside:
 
     forward(x (B, T, C), cache: dict | None, pos: int) -> (B, T, C)
         `pos` is the absolute position of x[:, 0]; with a cache, the new keys are written at
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.nn.norm import RMSNorm
 
 # ----------------------------------------------------------------------------------------- RoPE
 
@@ -189,7 +190,6 @@ class MultiHeadLatentAttention(_CachedAttention):
 
     def __init__(self, cfg):
         super().__init__()
-        from core.model import RMSNorm  # the norm lives with the model; imported lazily (no cycle)
         self.n_head = cfg.n_head
         self.nope_dim, self.rope_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         self.v_dim, self.kv_rank = cfg.v_head_dim, cfg.kv_lora_rank

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from core.artifacts import atomic_write
-from core.rl import EpisodeBatch, derived_seed, discounted_returns, play_episodes
+from core.rl.rollouts import EpisodeBatch, derived_seed, discounted_returns, play_episodes
 
 QUALITIES = ("expert", "noisy", "random")
 NOISY_EPSILON = 0.5
