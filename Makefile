@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) run.py --module mdp --toy
+	$(PY) run.py --module grpo --toy
 
 test: setup
 	$(PY) -m pytest -n auto

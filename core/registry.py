@@ -41,6 +41,9 @@ class Module:
     threads: int | None = None
     """torch CPU threads the module runs with unless --threads says otherwise (None: torch's
     default). Tiny networks run faster on one thread, and then results do not depend on the core count."""
+    produces_lm: bool = False
+    """the run leaves a causal LM in models/<preset>/ (core/nn/model.save_model + its tokenizer): the
+    eval module puts every such model on its leaderboard, so a new stage adds a row by saying so here"""
     path: Path = field(default=ROOT)
     """the module's folder; set by the registry"""
 

@@ -285,6 +285,41 @@ def latest_run(module: str, preset: str) -> dict[str, Any] | None:
     return artifacts.read_json(run_json) if run_json.exists() else None
 
 
+def upstream_models(ctx: RunContext, name: str) -> Path:
+    """The models/ folder of the latest run of module `name` at this run's preset: see upstream_run."""
+    return upstream_run(ctx, name)[0]
+
+
+def upstream_run(ctx: RunContext, name: str) -> tuple[Path, Path]:
+    """(models/, output/) folders of the latest run of module `name` at this run's preset (the chain
+    nanogpt -> sft -> grpo), found through the run index. When there is none, that module runs first,
+    in this process and quietly, and one line says so; a fresh upstream run whose checks fail stops
+    here (exit 2) rather than handing a broken model on. The caller's RNG state is left as it was."""
+    from core.registry import discover  # the registry imports every module: only when a chain needs it
+
+    upstream = discover().get(name)
+    preset = ctx.preset if ctx.preset in upstream.presets else "default"
+    entry = read_run_index().get(name, {}).get(preset)
+    folders = (workdir() / upstream.rel_path / "models" / preset, workdir() / upstream.rel_path / "output" / preset)
+    if entry is not None:
+        if entry.get("status") != "passed":
+            ctx.say(f"note: the latest {name} run at preset {preset} did not pass all its checks; using it anyway")
+        return folders
+    announce = Console(stderr=True).print if ctx.is_main else (lambda *_, **__: None)  # shown at any depth of a chain
+    announce(f"{ctx.module.name} needs a {name} model at preset {preset} and none is in the run index: "
+             f"building it first (python run.py --module {name} --preset {preset})", markup=False, highlight=False)
+    rng = global_rng_state()
+    result = execute(upstream, preset, console=Console(quiet=True))
+    set_global_rng_state(rng)
+    failed = [c["check"] for c in result.checks if not c["passed"]]
+    if failed:
+        raise artifacts.UserError(f"the {name} run built for {ctx.module.name} failed its checks ({', '.join(failed)}); "
+                                  f"see {result.out_dir / 'run.json'}")
+    announce(f"built {name} ({preset}) in {result.wall_time_s:.1f} s, {len(result.checks)}/{len(result.checks)} checks "
+             f"passed", markup=False, highlight=False)
+    return folders
+
+
 def versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in VERSIONED_PACKAGES:

@@ -3,12 +3,23 @@ the checkout."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.registry import discover
 from core.run_context import RunResult, execute
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one worker per core (make test runs -n auto): a module that keeps torch's default thread count
+    # would otherwise run 2 threads per worker on 2 cores, and tiny ops slow down badly when oversubscribed
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +43,26 @@ def run_module(registry, workdir):
 
 def read_metrics(result: RunResult) -> dict:
     return json.loads((result.out_dir / "metrics.json").read_text())
+
+
+@dataclass
+class Chain:
+    """The toy post-training chain (nanogpt -> sft -> grpo) built once per test process by the
+    command a new user types, from an empty work dir: its output and the folder it filled."""
+    folder: Path
+    returncode: int
+    output: str
+
+    def copy_to(self, workdir: Path) -> None:
+        """Give `workdir` the chain's runs and models, so a module downstream of it starts at once."""
+        shutil.copytree(self.folder, workdir, dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def toy_chain(tmp_path_factory) -> Chain:
+    folder = tmp_path_factory.mktemp("toy_chain")
+    threads = ["--threads", str(torch.get_num_threads())]  # 1 under xdist, like the rest of the worker
+    proc = subprocess.run([sys.executable, "run.py", "--module", "grpo", "--toy", *threads], cwd=Path(__file__).parent.parent,
+                          env={**os.environ, "FINETUNE_WORKDIR": str(folder)}, capture_output=True, text=True,
+                          timeout=900)
+    return Chain(folder, proc.returncode, proc.stdout + proc.stderr)

@@ -15,24 +15,34 @@ from core.run_context import RunContext
 
 REGISTRY = discover()
 MODULES = sorted(REGISTRY.modules)
+CHAINED = {name for name, m in REGISTRY.modules.items() if m.depends}
+"""modules that start from another module's model: their work dirs get the toy chain first
+(its building from nothing is tested once, in tests/test_chain.py)"""
 RESUMABLE = [name for name in MODULES
              if "resume" in {f.name for f in dataclasses.fields(REGISTRY.modules[name].config_class)}]
 
 
+def fresh_workdir(monkeypatch, path, name, request):
+    monkeypatch.setenv("FINETUNE_WORKDIR", str(path))
+    if name in CHAINED:
+        request.getfixturevalue("toy_chain").copy_to(path)
+
+
 @pytest.mark.parametrize("name", MODULES)
-def test_toy_preset_passes_its_checks_and_repeats_exactly(name, run_module, workdir, monkeypatch, tmp_path):
+def test_toy_preset_passes_its_checks_and_repeats_exactly(name, run_module, monkeypatch, tmp_path, request):
+    fresh_workdir(monkeypatch, tmp_path / "first", name, request)
     first = run_module(name, "toy")
     failed = [c["check"] for c in first.checks if not c["passed"]]
     assert first.checks, f"{name}: the toy preset evaluates no check"
     assert not failed, f"{name}: toy checks failed: {failed}"
 
-    monkeypatch.setenv("FINETUNE_WORKDIR", str(tmp_path / "again"))
+    fresh_workdir(monkeypatch, tmp_path / "again", name, request)
     second = run_module(name, "toy")
     assert read_metrics(second) == read_metrics(first), f"{name}: same seed, different metrics"
 
 
 @pytest.mark.parametrize("name", RESUMABLE)
-def test_an_interrupted_run_resumes_to_identical_artifacts(name, run_module, monkeypatch, tmp_path):
+def test_an_interrupted_run_resumes_to_identical_artifacts(name, run_module, monkeypatch, tmp_path, request):
     original_save = RunContext.save_checkpoint
     saved_steps: list[int] = []
 
@@ -41,7 +51,7 @@ def test_an_interrupted_run_resumes_to_identical_artifacts(name, run_module, mon
         saved_steps.append(step)
 
     monkeypatch.setattr(RunContext, "save_checkpoint", counting_save)
-    monkeypatch.setenv("FINETUNE_WORKDIR", str(tmp_path / "straight"))
+    fresh_workdir(monkeypatch, tmp_path / "straight", name, request)
     straight = run_module(name, "toy")
     assert len(saved_steps) >= 2, f"{name}: the toy preset should checkpoint at least twice"
     stop_at = saved_steps[len(saved_steps) // 2 - 1]
@@ -52,7 +62,7 @@ def test_an_interrupted_run_resumes_to_identical_artifacts(name, run_module, mon
             raise KeyboardInterrupt
 
     monkeypatch.setattr(RunContext, "save_checkpoint", save_then_crash)
-    monkeypatch.setenv("FINETUNE_WORKDIR", str(tmp_path / "resumed"))
+    fresh_workdir(monkeypatch, tmp_path / "resumed", name, request)
     with pytest.raises(KeyboardInterrupt):
         run_module(name, "toy")
     monkeypatch.setattr(RunContext, "save_checkpoint", original_save)

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 
 import sentencepiece as spm
 
-from core.artifacts import atomic_write
+from core.artifacts import UserError, atomic_write
 from core.data.corpus import generate_stories
 from core.paths import workdir
 from core.run_context import latest_run, read_run_index
@@ -27,6 +27,7 @@ SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<|system|>", "<|user|>", "<|assist
 """document boundaries, padding, and the chat-template role markers SFT needs"""
 MODULE = "tokenizer"
 MODEL_FILE = "spm.model"
+SAVED_FILE = "tokenizer.model"
 DEFAULT_VOCAB = 4096
 ON_DEMAND_STORIES = 3000
 """generated stories a tokenizer trained on demand sees (~2 MB, a second or two)"""
@@ -65,6 +66,25 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the model as <directory>/tokenizer.model (atomically), beside a model's weights, so a
+        model always travels with the tokenizer it was trained with."""
+        path = Path(directory) / SAVED_FILE
+        proto = self.sp.serialized_model_proto()
+        atomic_write(path, lambda f: f.write(proto))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """The tokenizer `save` wrote; a missing or corrupt file is a UserError naming it."""
+        path = Path(directory) / SAVED_FILE
+        if not path.is_file():
+            raise UserError(f"{path}: missing (a model folder holds its tokenizer beside the weights)")
+        try:
+            return cls(path.read_bytes())
+        except (OSError, RuntimeError) as exc:
+            raise UserError(f"{path}: not a readable sentencepiece model ({exc})") from None
 
     def pieces(self, text: str) -> list[str]:
         """The pieces as sentencepiece spells them: "\u2581" for a space, "<0xNN>" for a fallback byte."""

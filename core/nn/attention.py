@@ -75,6 +75,23 @@ def causal_mask(T: int, pos: int, device=None) -> Tensor:
     return torch.arange(pos + T, device=device)[None, :] <= q_pos
 
 
+def padded_causal_mask(key_mask: Tensor, T: int, pos: int) -> Tensor:
+    """(B, 1, T, pos + T) bool for a left-padded batch: the causal mask, minus the keys that
+    `key_mask` (B, pos + T) marks as padding. A padding query still sees itself, so its row is never
+    empty (an all-masked softmax row is NaN, and NaN times a zero weight would reach real tokens).
+    RoPE scores depend on relative positions only, so a row shifted right by its padding attends
+    exactly as it would unpadded."""
+    device = key_mask.device
+    itself = torch.arange(pos + T, device=device)[None, :] == torch.arange(pos, pos + T, device=device)[:, None]
+    return causal_mask(T, pos, device) & (key_mask[:, None, None, :pos + T] | itself)
+
+
+def no_padding(key_mask: Tensor | None, name: str) -> None:
+    if key_mask is not None:
+        raise ValueError(f"{name} attention takes no padded batches (key_mask); use a dense variant "
+                         "(llama, gqa, mqa, mla) for batched generation of prompts of different lengths")
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """softmax(q k^T * scale, masked) v  (Vaswani et al. 2017, Eq. 1).
 
@@ -166,9 +183,11 @@ class GroupedQueryAttention(_CachedAttention):
         B, _, T, _ = y.shape
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
-    def forward(self, x: Tensor, cache: dict | None = None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: dict | None = None, pos: int = 0, key_mask: Tensor | None = None) -> Tensor:
         q, k, v = self.project_qkv(x, cache, pos)
-        if k.shape[2] == q.shape[2]:  # no earlier tokens: the plain causal mask (fast kernel)
+        if key_mask is not None:  # a left-padded batch
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=padded_causal_mask(key_mask, q.shape[2], pos))
+        elif k.shape[2] == q.shape[2]:  # no earlier tokens: the plain causal mask (fast kernel)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q.shape[2], pos, x.device))
@@ -217,7 +236,7 @@ class MultiHeadLatentAttention(_CachedAttention):
     def cache_bytes_per_token(self) -> int:
         return (self.kv_rank + self.rope_dim) * self.element_size()  # DeepSeek-V2 Table 1: (d_c + d_h^R) l
 
-    def forward(self, x: Tensor, cache: dict | None = None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: dict | None = None, pos: int = 0, key_mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         H = self.n_head
         if self.q_lora_rank:
@@ -231,7 +250,7 @@ class MultiHeadLatentAttention(_CachedAttention):
         c_kv, k_rope = self.kv_norm(c_kv), self.rope(k_rope, pos)  # (B, T, r), (B, T, d_R)
         if cache is not None:
             c_kv, k_rope = write_cache(cache, pos, c_kv=c_kv, k_rope=k_rope).values()
-        mask = causal_mask(T, pos, x.device)
+        mask = causal_mask(T, pos, x.device) if key_mask is None else padded_causal_mask(key_mask, T, pos)
         k_rope = k_rope.unsqueeze(1)  # one RoPE key shared by every head (Eq. 17)
         if self.absorb:
             y = self._absorbed(q_nope, q_rope, c_kv.unsqueeze(1), k_rope, mask)
@@ -277,7 +296,8 @@ class MoBA(GroupedQueryAttention):
         super().__init__(cfg)
         self.block, self.top_k = cfg.moba_block_size, cfg.moba_top_k
 
-    def forward(self, x: Tensor, cache: dict | None = None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: dict | None = None, pos: int = 0, key_mask: Tensor | None = None) -> Tensor:
+        no_padding(key_mask, "MoBA")
         q, k, v = self.project_qkv(x, cache, pos)
         B, H, T, _ = q.shape
         S = k.shape[2]
@@ -354,7 +374,8 @@ class NativeSparseAttention(_CachedAttention):
         blocks = x[:, :, :n * self.block].reshape(B, h, n, self.block, d) + self.block_pos
         return phi(blocks.flatten(-2))
 
-    def forward(self, x: Tensor, cache: dict | None = None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: dict | None = None, pos: int = 0, key_mask: Tensor | None = None) -> Tensor:
+        no_padding(key_mask, "NSA")
         B, T, _ = x.shape
         H, hd, group = self.n_head, self.head_dim, self.n_head // self.n_kv_head
         q = self.rope(self.wq(x).view(B, T, H, hd).transpose(1, 2), pos)

@@ -127,8 +127,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.ffn = build_ffn(cfg)
 
-    def forward(self, x: Tensor, cache: dict | None, pos: int) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cache, pos)  # a = h + Attn(RMSNorm(h))
+    def forward(self, x: Tensor, cache: dict | None, pos: int, key_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, pos, key_mask)  # a = h + Attn(RMSNorm(h))
         return x + self.ffn(self.ffn_norm(x))  # h' = a + FFN(RMSNorm(a))
 
 
@@ -190,16 +190,19 @@ class Transformer(nn.Module):
         """KV-cache bytes one token costs over all layers (closed form, each variant's formula)."""
         return sum(b.attn.cache_bytes_per_token() for b in self.blocks)
 
-    def forward(self, idx: Tensor, caches: list[dict] | None = None, pos: int = 0) -> Tensor:
+    def forward(self, idx: Tensor, caches: list[dict] | None = None, pos: int = 0,
+                key_mask: Tensor | None = None) -> Tensor:
         """idx (B, T) token ids at positions pos .. pos + T - 1 -> logits (B, T, vocab_size).
 
         With `caches`, keys/values of these tokens are stored and earlier cached ones are attended.
+        `key_mask` (B, pos + T) bool marks the real tokens of a left-padded batch (False = padding,
+        never attended); None for a batch without padding.
         Sets `self.aux_loss` to the sum of the MoE load-balancing losses (0 for dense FFNs)."""
         if pos + idx.shape[1] > self.cfg.block_size:
             raise ValueError(f"positions up to {pos + idx.shape[1]} exceed block_size {self.cfg.block_size}")
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i], pos)
+            x = block(x, None if caches is None else caches[i], pos, key_mask)
         aux = [b.ffn.aux_loss for b in self.blocks if isinstance(b.ffn, MoE)]
         self.aux_loss = torch.stack(aux).sum() if aux else torch.zeros((), device=x.device)
         return self.lm_head(self.norm(x))
@@ -207,20 +210,32 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T0); temperature 0 = greedy.
+                 generator: torch.Generator | None = None, prompt_mask: Tensor | None = None,
+                 stop_token: int | None = None) -> Tensor:
+        """Append up to max_new_tokens sampled tokens to idx (B, T0); temperature 0 = greedy.
 
         The prompt is run once (prefill) into a KV cache; then each step feeds only the newest token.
-        T0 + max_new_tokens must fit in block_size (RoPE tables and caches are sized for it)."""
+        T0 + max_new_tokens must fit in block_size (RoPE tables and caches are sized for it).
+        Prompts of different lengths go in one call left-padded, with `prompt_mask` (B, T0) False on
+        the padding. With `stop_token`, generation ends early once every row has produced it (the
+        tokens a row samples after its stop token are left for the caller to cut)."""
         B, T0 = idx.shape
         caches = self.init_cache(B, T0 + max_new_tokens)
-        logits = self(idx, caches, pos=0)[:, -1]
+        key_mask = None
+        if prompt_mask is not None:
+            key_mask = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
+        logits = self(idx, caches, pos=0, key_mask=key_mask)[:, -1]
         out = [idx]
+        stopped = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
             next_token = sample_next(logits, temperature, top_k, top_p, generator)
             out.append(next_token)
+            if stop_token is not None:
+                stopped |= next_token[:, 0] == stop_token
+                if bool(stopped.all()):
+                    break
             if step + 1 < max_new_tokens:
-                logits = self(next_token, caches, pos=T0 + step)[:, -1]
+                logits = self(next_token, caches, pos=T0 + step, key_mask=key_mask)[:, -1]
         return torch.cat(out, dim=1)
 
 

@@ -11,12 +11,13 @@ MODULE = Module(
             "val loss against the corpus's unigram entropy, perplexity, decoded samples, tokens/s and MFU "
             "against the fp32 matmul peak measured in the same process; torchrun DDP on CPU (gloo).",
     presets={
-        "toy": Config(n_stories=400, vocab_size=512, n_layer=2, n_embd=64, n_head=4, block_size=64, steps=250,
-                      batch_size=16, lr=5e-3, warmup=10, eval_every=50, eval_batches=4, checkpoint_every=50,
+        "toy": Config(n_stories=400, vocab_size=512, n_layer=2, n_embd=64, n_head=4, block_size=128, steps=250,
+                      batch_size=8, lr=5e-3, warmup=10, eval_every=50, eval_batches=4, checkpoint_every=50,
                       sample_tokens=60),
         "default": Config(),
     },
     run=run,
+    produces_lm=True,
     metrics={
         "unigram_entropy": "entropy of the training-token frequencies (nats): the loss of a context-blind model",
         "initial_val_loss": "val cross-entropy of the untrained model (about ln vocab_size)",

@@ -340,6 +340,7 @@ def finish(model: Transformer, tok: Tokenizer, bins: TokenBins, vocabulary: set[
     atomic_write_text(ctx.path("samples.txt"), "".join(
         f"--- {PROMPTS[i % len(PROMPTS)]}\n{PROMPTS[i % len(PROMPTS)]}{s}\n\n" for i, s in enumerate(samples)))
     save_model(model, ctx.models_dir)
+    tok.save(ctx.models_dir)  # the model's tokenizer travels with it (sft and later stages load both)
     val = ctx.tables["eval"][-1]["val_loss"]
     train_losses = [r["loss"] for r in ctx.tables["train"]]
     plot(ctx, entropy, untrained["val_loss"])
