@@ -180,3 +180,16 @@ def test_grpo_stops_with_the_file_named_when_the_sft_tokenizer_is_missing(run_mo
                workdir / rel / "models" / "toy")
     with pytest.raises(UserError, match="tokenizer.model"):
         run_module("grpo", "toy")
+
+
+def test_log_probs_are_taken_at_the_rollout_temperature():
+    from core.nn.model import Transformer, scaled_config
+    from core.rl.group_policy import sequence_logprobs
+    torch.manual_seed(0)
+    model = Transformer(scaled_config("llama", vocab_size=30, block_size=16, n_layer=1, n_embd=16, n_head=2)).eval()
+    ids = torch.randint(30, (2, 8))
+    with torch.no_grad():
+        logits = model(ids)
+        got = sequence_logprobs(model, ids, temperature=0.5)
+    expected = (logits[:, :-1] / 0.5).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(got, expected, atol=1e-5)

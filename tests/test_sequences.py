@@ -123,3 +123,23 @@ def test_rewards_parse_the_final_answer_only_when_stated():
     assert score([f"So she had {two[0].answer}.", "The answer is -1."], two) == {"accuracy": 0.0, "lenient": 0.5,
                                                                                   "format": 0.5}
     assert lenient_correct(two[0].plain_solution, two[0].answer) == 1.0 and correct(two[0].plain_solution, two[0].answer) == 0.0
+
+
+def test_rollout_mask_covers_the_response_and_nothing_of_the_prompt(tok):
+    from core.data.word_problems import generate_problems
+    from core.rl.group_policy import collect_rollout
+
+    model = tiny(vocab=tok.vocab_size, block=96)
+    problems = generate_problems(3, TIERS, seed=0, split="train")
+    rollout = collect_rollout(model, tok, problems, group_size=2, max_new_tokens=6, temperature=1.0,
+                              format_reward=0.0, generator=torch.Generator().manual_seed(0))
+    assert rollout.rewards.shape == (3, 2) and rollout.response_mask.shape[0] == 6
+    for row in range(6):
+        prompt = prompt_ids(tok, problems[row // 2].question)
+        assert rollout.ids[row, :len(prompt)].tolist() == prompt
+        mask = rollout.response_mask[row]
+        assert mask[:len(prompt) - 1].sum() == 0           # column j holds token j + 1: the prompt's tokens
+        assert mask[len(prompt) - 1] == 1                   # the first response token
+        ones = mask.nonzero().flatten()
+        assert ones.tolist() == list(range(len(prompt) - 1, len(prompt) - 1 + len(ones)))  # contiguous
+        assert 1 <= len(ones) <= 6
