@@ -70,7 +70,7 @@ class Config:
     max_new_tokens: int = 40
     """response budget when answering held-out problems"""
     eval_every: int = 100
-    """steps between held-out accuracy measurements (greedy) and train-loss reports"""
+    """steps between held-out accuracy measurements (greedy; the train loss is logged every step)"""
     checkpoint_every: int = 100
     """steps between resumable checkpoints"""
     resume: bool = False
