@@ -19,7 +19,7 @@ demo: setup
 	$(PY) run.py --module grpo --toy
 
 test: setup
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n auto --dist loadgroup
 
 toy-times: setup
 	$(PY) benchmarks/toy_times.py

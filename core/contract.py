@@ -25,13 +25,31 @@ brief.toml, the spoken part of a module's interview brief, one table per languag
     definition = "..."          # the same keys in Chinese (technical terms may stay in English)
 
 The learner's own numbers and the follow-up questions are added by learning/briefs.py at render time.
+
+bugs.toml, the plausible bugs an interviewer asks about, each planted by core/planted_bugs.py in a
+scratch copy of the repository, where every catcher it names must catch it (at least three a module):
+
+    [[bug]]
+    id = "gae-no-done-mask"         # unique in the module
+    title = "GAE bootstraps across the end of an episode"
+    file = "post_train/alignment/ppo/code/ppo.py"      # relative to the repository root
+    find = "next_values * (1.0 - dones)"               # exact text, found exactly once in `file`
+    replace = "next_values"                            # the wrong version
+    symptom = "..."                 # what goes wrong and how you would see it (rendered into the README)
+    caught_by = ["check:final_over_random", "test:tests/test_ppo.py::test_gae_matches_reference"]
+
+A catcher is `check:<metric>` (that check fails in the module's toy run) or `test:<pytest node id>`
+(that test fails).
 """
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from core.paths import ROOT
 
 # ------------------------------------------------------------------------------ questions.toml
 LEVELS = {1: "recall", 2: "derive / explain", 3: "design / trade-off"}
@@ -119,3 +137,79 @@ def _section_problems(section: Any, lang: str) -> list[str]:
 
 def _is_text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
+
+
+# ----------------------------------------------------------------------------------- bugs.toml
+MIN_PLANTED_BUGS = 3
+PLANTED_ENV = "FINETUNE_PLANTED_BUG"
+"""set to "<module>/<bug id>" in the processes that run a scratch copy with that bug planted"""
+CATCHER_KINDS = ("check", "test")
+
+
+@dataclass(frozen=True)
+class PlantedBug:
+    id: str
+    module: str
+    title: str
+    file: str
+    find: str
+    replace: str
+    symptom: str
+    caught_by: tuple[str, ...]
+
+    def catchers(self) -> list[tuple[str, str]]:
+        """[(kind, target)]: ("check", metric) or ("test", pytest node id)."""
+        return [tuple(c.split(":", 1)) for c in self.caught_by]  # type: ignore[misc]
+
+
+class BugsError(ValueError):
+    """A bugs.toml that breaks the format or no longer matches the code; the message names the bug."""
+
+
+def parse_bugs(path: Path, module_name: str, root: Path = ROOT) -> list[PlantedBug]:
+    """The module's planted bugs. Each `find` must occur exactly once in its file, so a refactor that
+    moves the line breaks the contract loudly instead of leaving a bug that plants nowhere."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8")).get("bug", [])
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BugsError(f"{path}: {exc}") from None
+    bugs = []
+    for i, item in enumerate(raw, 1):
+        where = f"{path}: bug #{i} ({item.get('id', '?')})"
+        try:
+            bug = PlantedBug(id=str(item["id"]), module=module_name, title=item["title"], file=item["file"],
+                             find=item["find"], replace=item["replace"], symptom=item["symptom"],
+                             caught_by=tuple(item["caught_by"]))
+        except (KeyError, TypeError) as exc:
+            raise BugsError(f"{where}: {exc!r}") from None
+        problems = _bug_problems(bug, root)
+        if problems:
+            raise BugsError(f"{where}: {'; '.join(problems)}")
+        bugs.append(bug)
+    if len(bugs) < MIN_PLANTED_BUGS:
+        raise BugsError(f"{path}: {len(bugs)} planted bugs; a module lists at least {MIN_PLANTED_BUGS}")
+    ids = [b.id for b in bugs]
+    if len(set(ids)) != len(ids):
+        raise BugsError(f"{path}: duplicate bug ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    return bugs
+
+
+def _bug_problems(bug: PlantedBug, root: Path) -> list[str]:
+    problems = [f"{key} must be a non-empty string" for key in ("title", "symptom", "find")
+                if not _is_text(getattr(bug, key))]
+    if bug.find == bug.replace:
+        problems.append("replace equals find: nothing would be planted")
+    if not bug.caught_by:
+        problems.append("caught_by is empty: say which check or test must catch it")
+    for catcher in bug.caught_by:
+        kind, _, target = str(catcher).partition(":")
+        if kind not in CATCHER_KINDS or not target:
+            problems.append(f"catcher {catcher!r} is not check:<metric> or test:<pytest node id>")
+    target = root / bug.file
+    if not target.is_file():
+        problems.append(f"file {bug.file!r} does not exist")
+    elif os.environ.get(PLANTED_ENV):
+        pass  # a scratch copy with one bug planted (core/planted_bugs.py): its `find` texts may be gone
+    elif (count := target.read_text(encoding="utf-8").count(bug.find)) != 1:
+        problems.append(f"`find` occurs {count} times in {bug.file} (it must occur exactly once)")
+    return problems

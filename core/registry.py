@@ -18,6 +18,7 @@ from typing import Any, Callable
 from core.checks import Check
 from core.contract import BriefTextError, parse_brief_text
 from core.contract import BankError, parse_bank
+from core.contract import BugsError, PlantedBug, parse_bugs
 from core.paths import ROOT
 
 SEARCH_ROOTS = ("pre_train", "post_train")
@@ -55,6 +56,11 @@ class Module:
     def rel_path(self) -> Path:
         return self.path.relative_to(ROOT)
 
+    @property
+    def bugs(self) -> list[PlantedBug]:
+        """The plausible bugs planted by core/planted_bugs.py (bugs.toml; the registry validated it)."""
+        return parse_bugs(self.path / "bugs.toml", self.name)
+
 
 @dataclass
 class BrokenModule:
@@ -87,7 +93,7 @@ def validate(module: Any, path: Path) -> list[str]:
     errors = []
     if module.category != folder.parent.name:
         errors.append(f"category {module.category!r} does not match its folder {folder.parent.name!r}")
-    for required in ("README.md", "questions.toml", "brief.toml"):
+    for required in ("README.md", "questions.toml", "brief.toml", "bugs.toml"):
         if not (folder / required).is_file():
             errors.append(f"missing {required}")
     if (folder / "questions.toml").is_file():
@@ -97,6 +103,8 @@ def validate(module: Any, path: Path) -> list[str]:
             parse_brief_text(folder / "brief.toml")
         except BriefTextError as exc:
             errors.append(f"brief.toml: {exc}")
+    if (folder / "bugs.toml").is_file():
+        errors.extend(_validate_bugs(folder / "bugs.toml", module))
     for preset in REQUIRED_PRESETS:
         if preset not in module.presets:
             errors.append(f"missing preset {preset!r}")
@@ -121,6 +129,16 @@ def _validate_questions(path: Path, module_name: str) -> list[str]:
     except BankError as exc:
         return [f"questions.toml: {exc}"]
     return []
+
+
+def _validate_bugs(path: Path, module: Module) -> list[str]:
+    try:
+        bugs = parse_bugs(path, module.name)
+    except BugsError as exc:
+        return [f"bugs.toml: {exc}"]
+    toy_checks = {c.metric for c in module.checks if c.presets is None or "toy" in c.presets}
+    return [f"bugs.toml: bug {bug.id!r} names check {metric!r}, which is not a check of the toy preset"
+            for bug in bugs for kind, metric in bug.catchers() if kind == "check" and metric not in toy_checks]
 
 
 @dataclass

@@ -58,6 +58,17 @@ class Chain:
         shutil.copytree(self.folder, workdir, dirs_exist_ok=True)
 
 
+TOY_CHAIN_GROUP = pytest.mark.xdist_group("toy_chain")
+"""make test runs `--dist loadgroup`: every test that needs the toy chain runs on one worker, which
+builds the chain once (a session fixture is per worker: two workers would build it twice)"""
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "toy_chain" in getattr(item, "fixturenames", ()):
+            item.add_marker(TOY_CHAIN_GROUP)
+
+
 @pytest.fixture(scope="session")
 def toy_chain(tmp_path_factory) -> Chain:
     folder = tmp_path_factory.mktemp("toy_chain")

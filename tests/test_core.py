@@ -147,9 +147,13 @@ def _module(**changes) -> Module:
 QUESTIONS = '[[question]]\nid = "demo-q"\nlevel = 1\nq = "?"\nanswer = "!"\nkey_points = ["x"]\n'
 BRIEF_SECTION = 'definition = "d"\nhow_it_works = "h"\npitfalls = ["p"]\ncomparison_q = "c?"\ncomparison = "c"\n'
 BRIEF = f"[en]\n{BRIEF_SECTION}[zh]\n{BRIEF_SECTION}"
+BUGS = "".join(f'[[bug]]\nid = "b{i}"\ntitle = "t"\nfile = "core/checks.py"\nfind = \'"{op}": operator.{name}\'\n'
+               f'replace = \'"{op}": operator.ne\'\nsymptom = "s"\ncaught_by = ["check:loss"]\n'
+               for i, (op, name) in enumerate([("<", "lt"), (">", "gt"), ("<=", "le")]))
+"""three planted bugs in a real file of the checkout (a bug's file is relative to the repository root)"""
 
 
-def _folder(tmp_path: Path, category="cat", readme=True, questions=QUESTIONS, brief=BRIEF) -> Path:
+def _folder(tmp_path: Path, category="cat", readme=True, questions=QUESTIONS, brief=BRIEF, bugs=BUGS) -> Path:
     folder = tmp_path / category / "demo"
     folder.mkdir(parents=True)
     if readme:
@@ -158,6 +162,8 @@ def _folder(tmp_path: Path, category="cat", readme=True, questions=QUESTIONS, br
         (folder / "questions.toml").write_text(questions)
     if brief is not None:
         (folder / "brief.toml").write_text(brief, encoding="utf-8")
+    if bugs is not None:
+        (folder / "bugs.toml").write_text(bugs, encoding="utf-8")
     return folder / "module.py"
 
 
@@ -181,6 +187,11 @@ def test_a_valid_manifest_passes_validation(tmp_path):
     ({}, {"brief": f"[en]\n{BRIEF_SECTION}[zh]\n" + BRIEF_SECTION.replace('comparison = "c"', 'comparison = " "')},
      "[zh] comparison must be a non-empty string"),
     ({}, {"brief": "[en\n"}, "Expected ']'"),
+    ({}, {"bugs": None}, "missing bugs.toml"),
+    ({}, {"bugs": BUGS.split("[[bug]]", 3)[0] + "[[bug]]" + BUGS.split("[[bug]]")[1]}, "1 planted bugs; a module lists at least 3"),
+    ({}, {"bugs": BUGS.replace("operator.lt\'", "operator.lt  \'")}, "occurs 0 times in core/checks.py"),
+    ({}, {"bugs": BUGS.replace('caught_by = ["check:loss"]', 'caught_by = ["check:accuracy"]', 1)},
+     "names check 'accuracy', which is not a check of the toy preset"),
     ({"presets": {"default": DemoConfig()}}, {}, "missing preset 'toy'"),
     ({"checks": [Check("accuracy", ">", 0.9)]}, {}, "'accuracy', which is not a reported metric"),
     ({"checks": [Check("loss", "<", ref="baseline")]}, {}, "'baseline', which is not a reported metric"),
@@ -200,6 +211,7 @@ def test_a_broken_manifest_is_reported_and_the_rest_still_list(tmp_path, monkeyp
         (folder / "README.md").write_text("# x")
         (folder / "questions.toml").write_text(QUESTIONS)
         (folder / "brief.toml").write_text(BRIEF)
+        (folder / "bugs.toml").write_text(BUGS)
     (good / "module.py").write_text(textwrap.dedent("""
         from core.checks import Check
         from core.registry import Module

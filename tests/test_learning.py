@@ -147,7 +147,8 @@ def test_run_and_reviews_make_day_three_with_day_one_done_and_level_one_passed(r
     assert report["start"] == (TODAY - timedelta(days=2)).isoformat()
     assert report["start_source"] == "the first drill review in the progress db"
     [mdp_run] = items(report, 1, "run")
-    assert mdp_run["done"] and mdp_run["evidence"].startswith("4/4 checks passed")
+    n_checks = len(registry.get("mdp").checks)
+    assert mdp_run["done"] and mdp_run["evidence"].startswith(f"{n_checks}/{n_checks} checks passed")
     [drill] = items(report, 1, "drill")
     n = len(mdp_questions(registry, 1))
     assert drill["done"] and drill["evidence"] == f"{n} of the {n} level-1 questions answered at least once"
@@ -169,7 +170,8 @@ def test_a_failed_check_fails_the_run_item_and_the_level(registry, run_module, w
             review(db, q, fsrs.Rating.Easy, NOW)
     report = report_for(registry, db_path)
     [mdp_run] = items(report, 1, "run")
-    assert not mdp_run["done"] and mdp_run["evidence"].startswith("1/4 checks passed")
+    n_checks = len(registry.get("mdp").checks)  # the v_start_z check fails too: V after 3 sweeps is not what the env pays
+    assert not mdp_run["done"] and mdp_run["evidence"].startswith(f"1/{n_checks} checks passed")
     assert report["levels"][0]["criteria"][1]["done"], "mastery holds; only the run fails"
     assert not report["levels"][0]["passed"] and report["level"] == 0
 

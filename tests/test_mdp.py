@@ -1,6 +1,7 @@
 """Value iteration, policy iteration and the linear Bellman solve against hand-computed values, the
-FrozenLake model built from env.P, and the module's checks failing on an under-converged solve
-(tests/test_modules.py runs the toy preset and its determinism)."""
+FrozenLake model built from env.P, V* on FrozenLake against a solution from the map's rules alone,
+and the module's checks failing on an under-converged solve (tests/test_modules.py runs the toy
+preset and its determinism)."""
 from __future__ import annotations
 
 import gymnasium as gym
@@ -130,6 +131,42 @@ def test_success_probability_long_horizon_equals_undiscounted_value(frozenlake):
     reach_ever = solve_bellman_linear(P, R, policy, gamma=1.0)[0]
     assert success_probability(env, P, policy, horizon=5_000) == pytest.approx(reach_ever, abs=1e-9)
     assert success_probability(env, P, policy, horizon=100) < reach_ever - 0.05  # the time limit bites
+
+
+def map_rules_model(desc: np.ndarray, gamma: float) -> np.ndarray:
+    """V* of slippery FrozenLake from the map and the published rules alone (not env.P, not
+    tabular_model): the intended move and each perpendicular one with probability 1/3, a move off
+    the grid stays put, reward 1 for entering G, the episode ends in H or G. Each (s, a) gets its
+    three equally likely outcomes, and V* comes from iterating the optimality equation on them."""
+    n_rows, n_cols = desc.shape
+    cells = desc.flatten()
+    moves = {0: (0, -1), 1: (1, 0), 2: (0, 1), 3: (-1, 0)}      # left, down, right, up
+    nxt = np.zeros((cells.size, 4, 3), dtype=int)                # (s, a, outcome) -> s'
+    for s in range(cells.size):
+        row, col = divmod(s, n_cols)
+        for a in range(4):
+            for k, slip in enumerate((a - 1, a, a + 1)):
+                dr, dc = moves[slip % 4]
+                nxt[s, a, k] = min(max(row + dr, 0), n_rows - 1) * n_cols + min(max(col + dc, 0), n_cols - 1)
+    reward, ends = (cells[nxt] == b"G") * 1.0, np.isin(cells[nxt], [b"H", b"G"])
+    live = ~np.isin(cells, [b"H", b"G"])[:, None]                # nothing is collected after the end
+    V = np.zeros(cells.size)
+    for _ in range(3000):
+        V = (live * (reward + gamma * V[nxt] * ~ends).mean(axis=2)).max(axis=1)
+    return V
+
+
+@pytest.mark.parametrize("gamma, v_start", [(0.99, 0.542026), (0.9, 0.068891)])
+def test_v_star_on_frozenlake_matches_an_independent_solution_from_the_map_rules(frozenlake, gamma, v_start):
+    # the two equality checks of the run compare the module's solvers, which share tabular_model;
+    # this one holds the model and the solver against values derived without either
+    env, P, R = frozenlake
+    V_ref = map_rules_model(env.unwrapped.desc, gamma)
+    V, policy, _ = value_iteration(P, R, gamma, 1e-12, 100_000)
+    np.testing.assert_allclose(V, V_ref, atol=1e-9)
+    assert V[0] == pytest.approx(v_start, abs=1e-6)             # published by an independent reimplementation
+    if gamma == 0.99:                                            # its greedy policy wins 74.0% within 100 steps
+        assert success_probability(env, P, policy, horizon=100) == pytest.approx(0.7402, abs=5e-4)
 
 
 def test_checks_fail_on_an_under_converged_solve(run_module):

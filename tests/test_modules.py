@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import read_metrics
+from conftest import TOY_CHAIN_GROUP, read_metrics
 from core.registry import discover
 from core.run_context import RunContext
 
@@ -22,13 +22,18 @@ RESUMABLE = [name for name in MODULES
              if "resume" in {f.name for f in dataclasses.fields(REGISTRY.modules[name].config_class)}]
 
 
+def module_param(name: str):
+    """A chained module's tests run where the toy chain is built (conftest.TOY_CHAIN_GROUP)."""
+    return pytest.param(name, marks=TOY_CHAIN_GROUP) if name in CHAINED else name
+
+
 def fresh_workdir(monkeypatch, path, name, request):
     monkeypatch.setenv("FINETUNE_WORKDIR", str(path))
     if name in CHAINED:
         request.getfixturevalue("toy_chain").copy_to(path)
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", [module_param(n) for n in MODULES])
 def test_toy_preset_passes_its_checks_and_repeats_exactly(name, run_module, monkeypatch, tmp_path, request):
     fresh_workdir(monkeypatch, tmp_path / "first", name, request)
     first = run_module(name, "toy")
@@ -41,7 +46,7 @@ def test_toy_preset_passes_its_checks_and_repeats_exactly(name, run_module, monk
     assert read_metrics(second) == read_metrics(first), f"{name}: same seed, different metrics"
 
 
-@pytest.mark.parametrize("name", RESUMABLE)
+@pytest.mark.parametrize("name", [module_param(n) for n in RESUMABLE])
 def test_an_interrupted_run_resumes_to_identical_artifacts(name, run_module, monkeypatch, tmp_path, request):
     original_save = RunContext.save_checkpoint
     saved_steps: list[int] = []

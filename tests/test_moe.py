@@ -197,6 +197,7 @@ def test_aux_loss_gradient_reaches_router():
     torch.manual_seed(9)
     moe = MoE(D, 8, n_experts=4, top_k=2)
     moe(torch.randn(10, D))
+    assert moe.aux_loss.requires_grad, "f has no gradient (counts): the loss must push on P, the router probabilities"
     moe.aux_loss.backward()
     assert moe.router.weight.grad.abs().sum() > 0
     assert math.isfinite(moe.z_loss.item())

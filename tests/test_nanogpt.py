@@ -19,7 +19,7 @@ from core.data.corpus import TokenBins, write_token_bin
 from core.nn.model import Transformer, load_model, scaled_config
 from core.nn.training import adamw_groups
 from core.paths import ROOT
-from pre_train.llm.nanogpt.code.nanogpt import check_batch, known_word_fraction, train_step
+from pre_train.llm.nanogpt.code.nanogpt import Config, check_batch, known_word_fraction, train_step, word_repeat_fraction
 from pre_train.llm.nanogpt.module import MODULE
 
 TOY = MODULE.presets["toy"]
@@ -30,12 +30,17 @@ def read_column(path, column: str) -> np.ndarray:
         return np.array([float(row[column]) for row in csv.DictReader(f)])
 
 
-def train_three_steps(grad_accum: int, tmp_path, dtype: str = "fp32") -> tuple[list[torch.Tensor], list[float]]:
+def tiny_setup(tmp_path, **overrides) -> tuple[TokenBins, Config, Transformer]:
+    """Random tokens, the toy config at 8 windows of 16 tokens (with `overrides`), a seeded tiny llama."""
     write_token_bin(np.random.default_rng(0).integers(0, 64, 5000), tmp_path / "train.bin")
-    bins = TokenBins(tmp_path)
-    cfg = dataclasses.replace(TOY, batch_size=8, block_size=16, grad_accum=grad_accum, dtype=dtype)
+    cfg = dataclasses.replace(TOY, batch_size=8, block_size=16, **overrides)
     torch.manual_seed(0)
     model = Transformer(scaled_config("llama", vocab_size=64, block_size=16, n_layer=2, n_embd=32, n_head=4))
+    return TokenBins(tmp_path), cfg, model
+
+
+def train_three_steps(grad_accum: int, tmp_path, dtype: str = "fp32") -> tuple[list[torch.Tensor], list[float]]:
+    bins, cfg, model = tiny_setup(tmp_path, grad_accum=grad_accum, dtype=dtype)
     opt = torch.optim.AdamW(adamw_groups(model, 0.1), lr=1e-2)
     batches = torch.Generator().manual_seed(0)
     losses = [train_step(model, model, opt, bins, batches, cfg, rank=0, world=1, device=torch.device("cpu"))[0]
@@ -48,6 +53,34 @@ def test_gradient_accumulation_takes_the_same_steps_as_one_big_batch(tmp_path):
     accumulated, accumulated_losses = train_three_steps(4, tmp_path)
     assert whole_losses == pytest.approx(accumulated_losses, rel=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(whole, accumulated)) < 1e-5
+
+
+class GradientRecorder:
+    """Stands in for the optimizer: keeps the gradients train_step hands to step()."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), []
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.params:
+            p.grad = None
+
+
+def test_accumulated_gradient_is_the_gradient_of_the_big_batch_mean(tmp_path):
+    """The gradient itself, not the weights after AdamW steps: Adam divides by sqrt(v), so a gradient
+    grad_accum times too large moves the weights almost as the right one does (only eps tells them apart)."""
+    grads = {}
+    for grad_accum in (1, 4):
+        bins, cfg, model = tiny_setup(tmp_path, grad_accum=grad_accum, grad_clip=0.0)
+        opt = GradientRecorder(model.parameters())
+        train_step(model, model, opt, bins, torch.Generator().manual_seed(0), cfg, rank=0, world=1,
+                   device=torch.device("cpu"))
+        grads[grad_accum] = opt.grads
+    for whole, accumulated in zip(grads[1], grads[4]):
+        torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
 
 
 def test_bf16_autocast_is_applied_and_stays_close_to_fp32(tmp_path):
@@ -63,6 +96,12 @@ def test_batches_that_do_not_split_evenly_are_refused():
         check_batch(dataclasses.replace(TOY, batch_size=16, grad_accum=3), world=1)
     with pytest.raises(UserError, match="batch_size=12"):
         check_batch(dataclasses.replace(TOY, batch_size=12, grad_accum=4), world=2)
+
+
+def test_word_repeat_fraction_counts_a_word_equal_to_the_one_before():
+    assert word_repeat_fraction(["One day, there was was was a cat."]) == 2 / 7
+    assert word_repeat_fraction(["Tom ran.", "Tom sat."]) == 0.0  # repeats are counted inside a text only
+    assert word_repeat_fraction([",,,,", "one"]) == 0.0
 
 
 def test_known_word_fraction_counts_words_not_pieces():

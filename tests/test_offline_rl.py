@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.rl.offline import QUALITIES, ExpertController, Minibatch, OfflineDataset, bc_loss, collect_dataset, mc_returns
+from core.rl.offline import (QUALITIES, ExpertController, Minibatch, OfflineDataset, bc_loss, collect_dataset,
+                             mc_returns, reachable_start_values)
 from core.rl.rollouts import play_episodes
 from post_train.offline_rl.bcq.code.bcq import FilteredPolicy, allowed_actions, bcq_target, filtered_argmax
 from post_train.offline_rl.bcq.code.bcq import Config as BCQConfig
@@ -94,6 +95,17 @@ def test_mc_returns_stop_at_each_episode_end():
     expected = [1 + g * 2 + g * g * 3, 2 + g * 3, 3, 4 + g * 5, 5]
     assert np.allclose(mc_returns(data, g), expected)
     assert list(data.episode_starts) == [0, 3]
+
+
+def test_reachable_start_values_sum_the_first_k_rewards_of_every_episode():
+    # episodes of 3, 1 and 4 steps: K backups from Q = 0 see at most the first K rewards of each
+    episodes = [[1.0, 2.0, 3.0], [4.0], [5.0, 6.0, 7.0, 8.0]]
+    rewards = [r for ep in episodes for r in ep]
+    ends = [t == len(ep) - 1 for ep in episodes for t in range(len(ep))]
+    data = hand_made_dataset(rewards, ends, [False] * len(rewards))
+    g, backups = 0.9, [0, 1, 2, 3, 10]
+    by_hand = [np.mean([sum(g ** t * r for t, r in enumerate(ep[:k])) for ep in episodes]) for k in backups]
+    assert np.allclose(reachable_start_values(data, g, backups), by_hand, rtol=1e-9, atol=1e-12)
 
 
 # --- CQL ------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Offline RL on CartPole-v1: fixed datasets of three qualities and the pieces every offline learner
-shares (the Monte-Carlo returns of the data, the Q-network, the behaviour-cloning loss, the minibatch
-sampler, greedy evaluation in the real environment, derived seeds). Each algorithm's own losses stay
-in its module (post_train/offline_rl/).
+shares (the Monte-Carlo returns of the data and the value K backups can reach, the Q-network and its
+value at the start states, the behaviour-cloning loss, the minibatch sampler, greedy evaluation in the
+real environment, derived seeds). Each algorithm's own losses stay in its module (post_train/offline_rl/).
 
 An offline learner never touches the environment while it learns: it sees only transitions
 (s, a, r, s', terminated, truncated) that some behaviour policy beta collected earlier, and is judged
@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -150,6 +151,22 @@ def mc_returns(dataset: OfflineDataset, gamma: float) -> np.ndarray:
     return discounted_returns(torch.from_numpy(dataset.rewards).double(), dones, gamma).numpy()
 
 
+def reachable_start_values(dataset: OfflineDataset, gamma: float, backups: Sequence[int]) -> np.ndarray:
+    """For each K in `backups`, the mean over the data's episode starts of sum_{t<K} gamma^t r_t: the
+    behaviour policy's value after K exact Bellman backups from Q = 0 (each backup adds one step of
+    reward). A learner that copies its target network every `target_update_every` updates has made
+    K = updates / target_update_every backups, so this, not the full G_0, is what its V_hat(s_0) can
+    honestly reach. From the data's rewards alone:
+        sum_{t<K} gamma^t r_t = G_0 - gamma^K G_K    (G_K = 0 when the episode ends before step K)."""
+    g = mc_returns(dataset, gamma)  # one pass over the data for every K
+    starts = dataset.episode_starts
+    ends = np.append(starts[1:], len(dataset))  # one past each episode's last transition
+    k = np.asarray(backups)[:, None]            # (len(backups), 1) against (episodes,)
+    later = starts + k
+    tail = np.where(later < ends, g[np.minimum(later, len(g) - 1)], 0.0)
+    return (g[starts] - gamma ** k * tail).mean(-1)
+
+
 # --- pieces every offline learner uses ------------------------------------------------------------
 def q_network(hidden: int, seed: int) -> nn.Sequential:
     """s -> one output per action (Q-values, or logits of a behaviour-cloning model): 2 ReLU layers,
@@ -187,6 +204,13 @@ class MinibatchSampler:
         idx = torch.from_numpy(rng.integers(0, len(self.actions), size=batch_size))
         return Minibatch(self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx],
                          self.terminated[idx])
+
+
+@torch.no_grad()
+def start_value(q_net: nn.Module, starts: torch.Tensor) -> float:
+    """mean over the data's episode starts of V_hat(s_0) = max_a Q(s_0, a): the return the greedy
+    policy believes it will get, to compare with the data's Monte-Carlo returns and with 1/(1-gamma)."""
+    return float(q_net(starts).max(-1).values.mean())
 
 
 def greedy_returns(q_net: nn.Module, n_episodes: int, seed: int) -> np.ndarray:

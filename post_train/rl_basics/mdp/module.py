@@ -19,6 +19,8 @@ MODULE = Module(
         "vi_sweeps": "value-iteration sweeps until the Bellman residual < theta",
         "pi_iterations": "policy-iteration improvement steps until the policy is stable",
         "v_start": "V*(start state)",
+        "v_start_mc": "mean discounted return gamma^(T-1) 1{goal} of the greedy policy in the real env, no time limit",
+        "v_start_z": "|v_start - v_start_mc| in standard errors",
         "vi_pi_max_abs_diff": "max_s |V_VI(s) - V_PI(s)|",
         "bellman_solve_max_abs_diff": "max_s |V_VI(s) - solve((I - gamma P_pi) V = r_pi)(s)|",
         "success_rate": "fraction of real-env episodes the greedy policy reaches the goal",
@@ -29,6 +31,8 @@ MODULE = Module(
     checks=[
         Check("vi_pi_max_abs_diff", "<", 1e-6, why="two different algorithms reach the same V*"),
         Check("bellman_solve_max_abs_diff", "<", 1e-6, why="V* solves the linear Bellman system of its greedy policy"),
+        Check("v_start_z", "<", 4.0,
+              why="the real env pays the greedy policy V*(start) on average: the model P, R that both solvers share is right"),
         Check("success_rate", ">=", 0.70,
               why="at gamma >= 0.99 on the slippery 4x4 map the greedy policy wins in the real env (random: ~1.5%)",
               when=lambda c: c.gamma >= 0.99 and c.map_name == "4x4" and c.is_slippery),

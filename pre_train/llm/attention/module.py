@@ -21,6 +21,7 @@ MODULE = Module(
         "cache_formula_max_rel_diff": "max over archs of |measured - formula| / formula, KV-cache bytes per token",
         "mla_cache_from_config": "(kv_lora_rank + qk_rope_head_dim) * 4 bytes * n_layer, from the config alone",
         "unigram_entropy": "entropy of the training-token frequencies (nats): the loss of a context-blind model",
+        "future_leak_max": "max over archs: largest logit change before position T/2 when every later token changes",
         **{f"cache_bytes_{a}": f"{LABELS[a]}: KV-cache bytes per token, all layers, from the allocated tensors"
            for a in ARCHS},
         **{f"params_{a}": f"{LABELS[a]}: parameter count" for a in ARCHS},
@@ -34,6 +35,8 @@ MODULE = Module(
         Check("cache_bytes_gqa", "<", ref="cache_bytes_llama", why="GQA keeps fewer kv heads than MHA"),
         Check("cache_bytes_mla", "==", ref="mla_cache_from_config",
               why="MLA caches only the latent c_kv and the shared RoPE key, and nothing less"),
+        Check("future_leak_max", "<", 1e-5,
+              why="causal: no prediction depends on a later token (a leak makes the val loss a lie)"),
         *[Check(f"val_loss_{a}", "<", ref="unigram_entropy",
                 why=f"{LABELS[a]} uses the context: a model that learned nothing cannot beat the unigram loss")
           for a in ARCHS],

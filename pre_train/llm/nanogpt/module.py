@@ -27,6 +27,8 @@ MODULE = Module(
         "train_loss_last_10pct": "mean train loss over the last 10% of the steps",
         "sample_known_words": "fraction of the words in the generated samples that occur in the training text",
         "sample_known_words_untrained": "the same for samples of the untrained model (same prompts, same seed)",
+        "sample_word_repeats": "fraction of the word-to-word transitions in the samples that repeat the previous word",
+        "train_word_repeats": "the same fraction in the training stories",
         "params": "parameter count (a tied embedding counted once)",
         "train_flops_per_token": "training FLOPs per token, 6N + 6 L T n_head (d_qk + d_v) (PaLM App. B)",
         "tokens_trained": "steps x batch_size x block_size",
@@ -40,5 +42,7 @@ MODULE = Module(
         Check("sample_known_words", ">", 0.85, why="the samples decode to the corpus's words, not byte soup"),
         Check("sample_known_words", ">", ref="sample_known_words_untrained",
               why="the words come from training: the untrained model's samples score lower"),
+        Check("sample_word_repeats", "<", 0.1,
+              why="the samples do not stutter ('was was was'): the stories repeat a word ~1% of the time"),
     ],
 )

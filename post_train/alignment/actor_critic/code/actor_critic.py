@@ -37,6 +37,9 @@ class Config:
     """environment steps per learner, summed over its vectorised envs"""
     num_envs: int = 8
     """synchronous CartPole-v1 copies stepped together"""
+    max_episode_steps: int = 500
+    """time limit of the training episodes (CartPole-v1's is 500); where it cuts one, the learner
+    bootstraps gamma V(s_final). The toy uses CartPole-v0's 200, so that cuts happen within its budget"""
     rollout_steps: int = 16
     """steps per env between updates (T); the batch of one update is T * num_envs transitions"""
     gamma: float = 0.99
@@ -75,6 +78,9 @@ class Config:
 
 
 OBS_DIM, N_ACTIONS = 4, 2
+EV_WINDOW = 20
+"""updates in the moving mean of the critic's explained variance whose peak is reported: 20 rollouts
+(2.5k transitions) average out the noise of a single 128-transition one"""
 
 
 class ActorCritic(nn.Module):
@@ -135,11 +141,11 @@ class EpisodeLog:
             self.running[i] = 0.0
 
 
-def make_envs(num_envs: int) -> gym.vector.VectorEnv:
+def make_envs(num_envs: int, max_episode_steps: int = 500) -> gym.vector.VectorEnv:
     # gymnasium's default is NEXT_STEP autoreset: the step after an episode end is a dummy reset step
     # whose action is ignored. SAME_STEP keeps every stored step a real transition instead.
     return gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="sync",
-                        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP})
+                        max_episode_steps=max_episode_steps, vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP})
 
 
 @torch.no_grad()
@@ -193,7 +199,7 @@ def train(learner: int, cfg: Config, ctx) -> tuple[ActorCritic, EpisodeLog]:
     net = ActorCritic(cfg.hidden, cfg.shared_network)
     groups = [{"params": net.actor_parameters(), "lr": cfg.lr}, {"params": net.critic_parameters(), "lr": cfg.critic_lr}]
     optimizer = torch.optim.Adam(groups)
-    envs = make_envs(cfg.num_envs)
+    envs = make_envs(cfg.num_envs, cfg.max_episode_steps)
     obs, _ = envs.reset(seed=seed)  # sub-env i is seeded with seed + i; later resets continue its RNG
     episodes = EpisodeLog(cfg.num_envs)
     n_updates = cfg.total_steps // (cfg.num_envs * cfg.rollout_steps)
@@ -212,6 +218,9 @@ def train(learner: int, cfg: Config, ctx) -> tuple[ActorCritic, EpisodeLog]:
                                                      values.detach(), final_values, last_value,
                                                      cfg.gamma, cfg.gae_lambda)
         policy_loss, value_loss, entropy = a2c_losses(logits, values, rollout.actions, advantages, targets)
+        explained = 1 - float((targets - values.detach()).var() / targets.var())  # of V before this update's step
+        for advantage in advantages[rollout.truncated & ~rollout.terminated].tolist():
+            ctx.log("cuts", learner=learner, env_steps=episodes.steps, advantage=advantage)
         loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
         optimizer.zero_grad()
         loss.backward()
@@ -223,7 +232,8 @@ def train(learner: int, cfg: Config, ctx) -> tuple[ActorCritic, EpisodeLog]:
         recent = episodes.returns[-cfg.final_episodes:]
         ctx.log("training", learner=learner, update=update + 1, env_steps=episodes.steps,
                 trailing_return=float(np.mean(recent)) if recent else float("nan"),
-                policy_loss=policy_loss.item(), value_loss=value_loss.item(), entropy=entropy.item())
+                policy_loss=policy_loss.item(), value_loss=value_loss.item(), entropy=entropy.item(),
+                explained_variance=explained)
     envs.close()
     return net, episodes
 
@@ -285,6 +295,8 @@ def run(cfg: Config, ctx) -> dict[str, float]:
     ctx.save_figure(plot_training(ctx.tables["training"], random_return, cfg), "training.png")
 
     final, solved_at = np.array(final), np.array(solved_at)
+    explained = np.array([r["explained_variance"] for r in ctx.tables["training"]]).reshape(cfg.n_seeds, -1)
+    explained_peak = moving_average(explained, EV_WINDOW)[:, EV_WINDOW - 1:].max(axis=1)  # full windows only
     solved = solved_at[np.isfinite(solved_at)]
     return {
         "random_return": random_return,
@@ -294,4 +306,6 @@ def run(cfg: Config, ctx) -> dict[str, float]:
         "greedy_return": float(np.mean(greedy)),
         "seeds_solved": float(np.isfinite(solved_at).mean()),
         "steps_to_solve": float(solved.mean()) if solved.size else float("nan"),
+        "explained_variance_peak": float(explained_peak.mean()),
+        "cut_advantage_mean": float(np.mean([r["advantage"] for r in ctx.tables.get("cuts", [])])),  # nan: no cut
     }

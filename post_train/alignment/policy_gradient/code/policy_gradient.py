@@ -85,6 +85,12 @@ def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, weights: torch.T
     return -(log_probs * weights).sum() / n_episodes
 
 
+def explained_variance(predicted: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 - Var(G - V) / Var(G): 1 is a perfect baseline, 0 is no better than a constant (b = 0 scores
+    exactly 0), < 0 is worse."""
+    return float(1 - (targets - predicted).var() / targets.var())
+
+
 def fit_baseline(value: nn.Module, opt: torch.optim.Optimizer, batch: EpisodeBatch, returns: torch.Tensor,
                  steps: int) -> float:
     """min_w mean over valid steps of (V_w(s_t) - G_t)^2: V tracks the current policy's returns."""
@@ -111,6 +117,8 @@ def train(variant: str, learner: int, cfg: Config, ctx) -> tuple[np.ndarray, np.
         batch = play_episodes(policy, cfg.episodes_per_update, derived_seed(cfg.seed, learner, update))
         returns = reward_to_go(batch, cfg.gamma)
         baseline = value(batch.obs).squeeze(-1) if variant == "baseline" else torch.zeros_like(returns)
+        # measured before V is fitted to this batch: how well it predicts returns it has not seen
+        explained = explained_variance(baseline.detach()[batch.valid], returns[batch.valid])
         weights = policy_weights(returns, baseline, batch.valid, cfg.normalize)
         loss = reinforce_loss(policy(batch.obs), batch.actions, weights, cfg.episodes_per_update)
         policy_opt.zero_grad()
@@ -122,7 +130,8 @@ def train(variant: str, learner: int, cfg: Config, ctx) -> tuple[np.ndarray, np.
         episode_lengths.extend(batch.valid.sum(0).tolist())
         ctx.log("learning_curve", variant=variant, learner=learner, update=update + 1,
                 episodes=len(episode_returns), env_steps=sum(episode_lengths),
-                mean_return=float(batch.episode_returns.mean()), value_loss=value_loss)
+                mean_return=float(batch.episode_returns.mean()), value_loss=value_loss,
+                explained_variance=explained)
     return np.array(episode_returns), np.array(episode_lengths)
 
 
@@ -180,16 +189,22 @@ def run(cfg: Config, ctx) -> dict[str, float]:
     for variant, per_seed in episodes.items():
         final = np.array([returns[-cfg.final_episodes:].mean() for returns, _ in per_seed])
         solve_episodes, solve_steps = np.array([time_to_solve(returns, lengths, cfg) for returns, lengths in per_seed]).T
+        mean_return = float(np.mean([returns.mean() for returns, _ in per_seed]))  # area under the learning curve
         metrics |= {
             f"{variant}_final_return": float(final.mean()),
             f"{variant}_worst_final_return": float(final.min()),
             f"{variant}_final_over_random": float(final.mean() / random_return),
-            f"{variant}_mean_return": float(np.mean([returns.mean() for returns, _ in per_seed])),
+            f"{variant}_mean_return": mean_return,
+            f"{variant}_mean_over_random": mean_return / random_return,
             f"{variant}_seeds_solved": float(np.isfinite(solve_episodes).mean()),
             f"{variant}_episodes_to_solve": mean_if_any(solve_episodes),
             f"{variant}_steps_to_solve": mean_if_any(solve_steps),
         }
         ctx.say(f"{variant}: last-{cfg.final_episodes} mean per seed {fmt(final, '.1f')}; "
                 f"episodes to {cfg.solved_return:g}: {fmt(solve_episodes, 'g')}")
+    # the second half of training: V starts untrained (explained variance ~0) and needs a few batches
+    late = [r["explained_variance"] for r in ctx.tables["learning_curve"]
+            if r["variant"] == "baseline" and r["update"] > cfg.updates // 2]
+    metrics["baseline_explained_variance"] = float(np.mean(late))
     ctx.say(f"random policy: {random_return:.1f}")
     return metrics

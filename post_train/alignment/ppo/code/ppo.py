@@ -39,6 +39,9 @@ class Config:
     down to whole rollouts)"""
     num_envs: int = 8
     """parallel CartPole sub-envs of the vector env"""
+    max_episode_steps: int = 500
+    """time limit of the training episodes (CartPole-v1's is 500); where it cuts one, the learner
+    bootstraps gamma V(s_final). The toy uses CartPole-v0's 200, so that cuts happen within its budget"""
     rollout_steps: int = 64
     """steps per sub-env per rollout; one rollout = num_envs * rollout_steps transitions"""
     epochs: int = 10
@@ -74,7 +77,8 @@ class Config:
     solved_return: float = 475.0
     """CartPole-v1 is solved when the mean of the last `solved_window` episode returns reaches this"""
     solved_window: int = 20
-    """episodes in the moving mean of the solved criterion and of the final return"""
+    """episodes in the moving mean of the solved criterion and of the final return (the checks use it;
+    steps_to_475_window100 also reports CleanRL's usual 100-episode window, a later and fairer bar)"""
     eval_episodes: int = 20
     """greedy (argmax) evaluation episodes per learner after training"""
     random_episodes: int = 100
@@ -159,7 +163,7 @@ class Rollout:
     values: torch.Tensor      # (T, N)    V_old(s_t)
     rewards: torch.Tensor     # (T, N)    r_t
     terminated: torch.Tensor  # (T, N)    the episode truly ended with step t: V(s_{t+1}) = 0
-    truncated: torch.Tensor   # (T, N)    the 500-step time limit hit with step t: not a true end
+    truncated: torch.Tensor   # (T, N)    the time limit (500 steps) hit with step t: not a true end
     valid: torch.Tensor       # (T, N)    False at an auto-reset step (the step after an episode end)
     last_value: torch.Tensor  # (N,)      V_old(s_T), the state after the last step
 
@@ -170,9 +174,14 @@ class Rollout:
         observation, so values[t+1] / last_value is V(s_final). A truncation bootstraps its tail
         with gamma V(s_final); both kinds of end stop the GAE recursion (Pardo et al. 2018)."""
         next_values = torch.cat([self.values[1:], self.last_value.unsqueeze(0)])
-        cut_short = self.truncated & ~self.terminated  # the pole can fall on the 500th step: then it is an end
-        rewards = self.rewards + gamma * next_values * cut_short
+        rewards = self.rewards + gamma * next_values * self.cut_short
         return gae(rewards, self.values, self.terminated | self.truncated, self.last_value, gamma, lam)
+
+    @property
+    def cut_short(self) -> torch.Tensor:
+        """(T, N) the time limit, not a fall, ended the episode with step t. The pole can fall on the
+        last allowed step: then both flags are set and it is an end."""
+        return self.truncated & ~self.terminated
 
     def flatten_valid(self, **per_step: torch.Tensor) -> dict[str, torch.Tensor]:
         """The valid transitions as flat tensors: the rollout's own fields and any extra (T, N) ones."""
@@ -191,8 +200,9 @@ class VectorRunner:
     """Steps a CartPole vector env across rollouts, keeps each sub-env's running episode return and
     knows which sub-envs will auto-reset on the next step."""
 
-    def __init__(self, num_envs: int, seed: int):
-        self.envs = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="vector_entry_point")
+    def __init__(self, num_envs: int, seed: int, max_episode_steps: int = 500):
+        self.envs = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="vector_entry_point",
+                                 max_episode_steps=max_episode_steps)
         self.obs = torch.from_numpy(self.envs.reset(seed=seed)[0])
         self.resets_next = np.zeros(num_envs, dtype=bool)  # previous step ended the episode
         self.episode_return = np.zeros(num_envs)
@@ -239,6 +249,8 @@ class LearnerResult:
     updates: list[dict] = field(default_factory=list)
     steps_to_solved: float = float("nan")
     greedy_return: float = float("nan")
+    cut_advantages: list[float] = field(default_factory=list)
+    """GAE advantage of every step that a time limit cut (truncated, not terminated)"""
 
     def final_return(self, window: int) -> float:
         return float(np.mean([e.ret for e in self.episodes[-window:]]))
@@ -290,7 +302,7 @@ def train(cfg: Config, seed: int, ctx) -> LearnerResult:
         actor, critic = mlp(N_ACTIONS, cfg.hidden, 0.01), mlp(1, cfg.hidden, 1.0)
     optimizer = torch.optim.Adam([*actor.parameters(), *critic.parameters()], lr=cfg.lr, eps=1e-5)
     rng = np.random.default_rng(action_seed)
-    runner = VectorRunner(cfg.num_envs, env_seed)
+    runner = VectorRunner(cfg.num_envs, env_seed, cfg.max_episode_steps)
     result = LearnerResult(seed, episodes=[])
     iterations = cfg.total_steps // (cfg.num_envs * cfg.rollout_steps)
     for it in ctx.track(range(iterations), f"PPO seed {seed}", total=iterations):
@@ -300,10 +312,12 @@ def train(cfg: Config, seed: int, ctx) -> LearnerResult:
         rollout, episodes = runner.collect(actor, critic, cfg.rollout_steps, rng)
         result.episodes += episodes
         advantages, returns = rollout.advantages_and_returns(cfg.gamma, cfg.gae_lambda)
-        batch = rollout.flatten_valid(advantages=advantages, returns=returns)
+        result.cut_advantages += advantages[rollout.cut_short & rollout.valid].tolist()
+        batch = rollout.flatten_valid(rewards=rollout.rewards, advantages=advantages, returns=returns)
         row = {"seed": seed, "iteration": it + 1, "env_step": runner.global_step, "lr": lr,
                "explained_variance": explained_variance(batch["values"], batch["returns"]),  # of V_old, before the update
                "value_target_std": float(batch["returns"].std()),
+               "reward_mean": float(batch["rewards"].mean()),  # CartPole pays 1 per real step, 0 at a reset
                **ppo_update(actor, critic, optimizer, batch, cfg, rng)}
         result.updates.append(row)
         ctx.log("updates", **row)
@@ -358,12 +372,18 @@ def plot_diagnostics(results: list[LearnerResult], cfg: Config):
     return fig
 
 
+WIDE_WINDOW = 100
+"""the moving-mean window CleanRL's and most papers' "solved" curves use: a 20-episode mean reaches 475
+earlier, so steps-to-475 is reported both ways"""
+
+
 def run(cfg: Config, ctx) -> dict[str, float]:
     results = []
     for k in range(cfg.n_seeds):
         result = train(cfg, cfg.seed + k, ctx)
         results.append(result)
         ctx.log("learners", seed=result.seed, steps_to_475=result.steps_to_solved,
+                steps_to_475_window100=steps_to_solved(result.episodes, cfg.solved_return, WIDE_WINDOW),
                 final_return=result.final_return(cfg.solved_window), greedy_return=result.greedy_return)
         ctx.say(f"seed {result.seed}: steps to {cfg.solved_return:g} = {result.steps_to_solved:g}, final "
                 f"last-{cfg.solved_window} mean = {result.final_return(cfg.solved_window):.1f}, "
@@ -373,11 +393,13 @@ def run(cfg: Config, ctx) -> dict[str, float]:
     ctx.save_figure(plot_diagnostics(results, cfg), "diagnostics.png")
     final = [r.final_return(cfg.solved_window) for r in results]
     solved_at = [r.steps_to_solved for r in results]
+    solved_at_wide = [steps_to_solved(r.episodes, cfg.solved_return, WIDE_WINDOW) for r in results]
     updates = [u for r in results for u in r.updates]
     late = [u for r in results for u in r.updates[-10:]]  # once solved, every target is ~1/(1-gamma)
     return {
         "steps_to_475": float(np.mean(solved_at)),  # nan (-> check fails) if any learner never solved
         "steps_to_475_max": float(np.max(solved_at)),
+        "steps_to_475_window100": float(np.mean(solved_at_wide)),
         "final_return": float(np.mean(final)),
         "final_return_min": float(np.min(final)),
         "greedy_return_min": float(min(r.greedy_return for r in results)),
@@ -388,4 +410,6 @@ def run(cfg: Config, ctx) -> dict[str, float]:
         "explained_variance_peak": float(np.mean([np.nanmax([u["explained_variance"] for u in r.updates])
                                                   for r in results])),
         "value_target_std_late": float(np.mean([u["value_target_std"] for u in late])),
+        "trained_reward_mean": float(np.mean([u["reward_mean"] for u in updates])),
+        "cut_advantage_mean": float(np.mean([a for r in results for a in r.cut_advantages])),  # nan: no cut
     }

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from core.rl.offline import (QUALITIES, Minibatch, MinibatchSampler, OfflineDataset, bc_loss, collect_dataset,
-                             greedy_returns, q_network)
+                             greedy_returns, q_network, reachable_start_values, start_value)
 from core.rl.rollouts import derived_seed
 
 
@@ -181,15 +181,18 @@ def run(cfg: Config, ctx) -> dict[str, float]:
     taus = sorted({0.0, cfg.tau, 1.0, *cfg.tau_sweep})
     datasets = {quality: collect_dataset(quality, cfg.dataset_size, derived_seed("data", cfg.seed))
                 for quality in QUALITIES}
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"value_upper_bound": 1 / (1 - cfg.gamma)}  # sum_t gamma^t * (reward 1)
     for quality, dataset in datasets.items():
         dataset.save(ctx.path(f"dataset_{quality}.npz"))
         behaviour = train_behaviour_model(dataset, quality, cfg, ctx)
+        starts = torch.from_numpy(dataset.obs[dataset.episode_starts])
         final, removed = {}, {}
         for tau in taus:
             policy = train_bcq(dataset, quality, behaviour, tau, cfg, ctx)
             returns = greedy_returns(policy, cfg.final_eval_episodes, derived_seed("final-eval", cfg.seed))
             final[tau], removed[tau] = float(returns.mean()), filtered_fraction(dataset, behaviour, tau)
+            if tau == cfg.tau:  # max_{a in allowed(s_0)} Q(s_0, a): the policy outputs -inf on the others
+                metrics[f"bcq_v_start_{quality}"] = start_value(policy, starts)
             ctx.log("tau_sweep", dataset=quality, tau=tau, final_return=final[tau], filtered_fraction=removed[tau])
         metrics |= {f"behaviour_return_{quality}": dataset.behaviour_return, f"bcq_return_{quality}": final[cfg.tau],
                     f"dqn_return_{quality}": final[0.0], f"bc_return_{quality}": final[1.0],
@@ -197,6 +200,11 @@ def run(cfg: Config, ctx) -> dict[str, float]:
         ctx.say(f"{quality:>6}: behaviour {dataset.behaviour_return:5.1f}  "
                 + "  ".join(f"tau={tau:g}: {ret:5.1f}" for tau, ret in final.items()))
     metrics["bcq_to_behaviour_return_noisy"] = metrics["bcq_return_noisy"] / metrics["behaviour_return_noisy"]
+    metrics["bcq_to_behaviour_return_random"] = metrics["bcq_return_random"] / metrics["behaviour_return_random"]
+    metrics["reachable_start_expert"] = float(reachable_start_values(datasets["expert"], cfg.gamma,
+                                                                     [cfg.updates // cfg.target_update_every])[0])
+    # on expert data the filtered greedy policy is the behaviour policy, so its value is comparable with it
+    metrics["bcq_v_start_to_reachable_expert"] = metrics["bcq_v_start_expert"] / metrics["reachable_start_expert"]
     ctx.save_figure(plot_tau_sweep(ctx.tables["tau_sweep"], datasets), "tau_sweep.png")
     ctx.save_figure(plot_curves(ctx.tables["curves"], datasets, cfg), "returns.png")
     return metrics

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from core.rl.offline import (QUALITIES, Minibatch, MinibatchSampler, OfflineDataset, bc_loss, collect_dataset,
-                             greedy_returns, mc_returns, q_network)
+                             greedy_returns, mc_returns, q_network, reachable_start_values, start_value)
 from core.rl.rollouts import derived_seed
 
 
@@ -110,13 +110,6 @@ def train(method: str, dataset: OfflineDataset, quality: str, cfg: Config, ctx) 
     return net
 
 
-@torch.no_grad()
-def start_value(q_net: nn.Module, starts: torch.Tensor) -> float:
-    """mean over the data's episode starts of V_hat(s_0) = max_a Q(s_0, a): the return the greedy
-    policy believes it will get, to compare with the data's Monte-Carlo return and with 1/(1-gamma)."""
-    return float(q_net(starts).max(-1).values.mean())
-
-
 # --- plots ---------------------------------------------------------------------------------------
 COLORS = {"cql": "tab:blue", "dqn": "tab:red", "bc": "tab:gray"}
 
@@ -138,19 +131,22 @@ def plot_returns(table: list[dict], datasets: dict[str, OfflineDataset], cfg: Co
     return fig
 
 
-def plot_values(table: list[dict], metrics: dict[str, float], cfg: Config):
-    fig, axes = plt.subplots(1, len(QUALITIES), figsize=(4.5 * len(QUALITIES), 3.8), squeeze=False)
-    for ax, quality in zip(axes[0], QUALITIES):
+def plot_values(table: list[dict], datasets: dict[str, OfflineDataset], metrics: dict[str, float], cfg: Config):
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.8), squeeze=False)
+    for ax, (quality, dataset) in zip(axes[0], datasets.items()):
         for method in ("cql", "dqn"):
             rows = rows_of(table, quality, method)
             ax.plot([r["update"] for r in rows], [r["v_start"] for r in rows], color=COLORS[method], label=method)
         ax.axhline(metrics[f"mc_start_{quality}"], color="black", ls=":", label="MC return of the data")
+        updates = np.array([r["update"] for r in rows])
+        ax.plot(updates, reachable_start_values(dataset, cfg.gamma, updates // cfg.target_update_every),
+                color="black", ls="--", lw=0.8, label="the data's value after the backups so far")
         ax.axhline(metrics["value_upper_bound"], color="tab:green", ls="--", lw=0.8,
                    label="1/(1-gamma): no policy earns more")
         ax.set_yscale("symlog", linthresh=10)  # linear below 10, logarithmic above: DQN's values explode
         ax.set(title=f"{quality} data", xlabel="update", ylim=(0, None))
     axes[0][0].set(ylabel="max_a Q(s_0, a) at the data's episode starts")
-    axes[0][-1].legend(loc="lower right")  # the panel with room below its curves
+    axes[0][-1].legend(loc="lower right", fontsize=8)  # the panel with room below its curves
     return fig
 
 
@@ -173,8 +169,12 @@ def run(cfg: Config, ctx) -> dict[str, float]:
                 + "  ".join(f"{m} {metrics[f'{m}_return_{quality}']:5.1f}" for m in METHODS)
                 + f"  | V(s_0): data MC {metrics[f'mc_start_{quality}']:.1f}"
                 + f"  cql {metrics[f'cql_v_start_{quality}']:.1f}  dqn {metrics[f'dqn_v_start_{quality}']:.3g}")
+    metrics["reachable_start_expert"] = float(reachable_start_values(datasets["expert"], cfg.gamma,
+                                                                     [cfg.updates // cfg.target_update_every])[0])
+    # on expert data CQL's greedy policy is the behaviour policy, so its value is comparable with it
+    metrics["cql_v_start_to_reachable_expert"] = metrics["cql_v_start_expert"] / metrics["reachable_start_expert"]
     metrics["dqn_to_cql_return_expert"] = metrics["dqn_return_expert"] / metrics["cql_return_expert"]
     metrics["cql_to_behaviour_return_random"] = metrics["cql_return_random"] / metrics["behaviour_return_random"]
     ctx.save_figure(plot_returns(ctx.tables["curves"], datasets, cfg), "returns.png")
-    ctx.save_figure(plot_values(ctx.tables["curves"], metrics, cfg), "q_vs_mc.png")
+    ctx.save_figure(plot_values(ctx.tables["curves"], datasets, metrics, cfg), "q_vs_mc.png")
     return metrics

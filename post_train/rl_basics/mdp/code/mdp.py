@@ -8,6 +8,8 @@ Policy iteration alternates
     improvement:  pi'(s)  = argmax_a Q^pi(s, a)
 The exact check solves the linear Bellman system of the greedy policy in closed form:
     (I - gamma * P_pi) V = r_pi   =>   V = np.linalg.solve(I - gamma * P_pi, r_pi)
+Those checks share the model P, R; the real env checks it: V*(start) = E[gamma^(T-1) 1{goal}] over
+episodes of the greedy policy, and its success within the time limit against the exact probability.
 """
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ class Config:
 
 
 ARROWS = {0: "←", 1: "↓", 2: "→", 3: "↑"}  # FrozenLake actions: left, down, right, up
+PLAY_STEP_CAP = 1000
+"""`play` cuts an episode here: a policy that never ends (e.g. pushing into a wall forever) must not
+hang the run. A proper policy is still running after 1000 steps with probability ~1e-15 (mean
+length 49), and gamma^1000 <= 4e-5 at gamma = 0.99, so the cut moves no reported number."""
 
 
 def tabular_model(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
@@ -138,19 +144,23 @@ def success_probability(env: gym.Env, P: np.ndarray, policy: np.ndarray, horizon
     return float(dist[goal])
 
 
-def play(env: gym.Env, policy: np.ndarray | None, episodes: int, seed: int) -> float:
-    """Fraction of episodes that reach the goal; policy None plays uniformly random actions."""
+def play(env: gym.Env, policy: np.ndarray | None, episodes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Length and outcome (goal reached or not) of each episode in the real env, played *without* its
+    time limit (env.unwrapped: the same seeded dynamics, run on to a hole or the goal): one set of
+    episodes gives both the success within the limit and the untruncated discounted return.
+    Policy None plays uniformly random actions."""
     rng = np.random.default_rng(seed)
-    wins = 0
+    lake = env.unwrapped
+    lengths, won = np.zeros(episodes, dtype=int), np.zeros(episodes, dtype=bool)
     for ep in range(episodes):
-        s, _ = env.reset(seed=seed * 1_000_003 + ep)
-        done = False
-        while not done:
-            a = int(policy[s]) if policy is not None else int(rng.integers(env.action_space.n))
-            s, r, terminated, truncated, _ = env.step(a)
-            done = terminated or truncated
-        wins += r > 0
-    return wins / episodes
+        s, _ = lake.reset(seed=seed * 1_000_003 + ep)
+        for step in range(1, PLAY_STEP_CAP + 1):
+            a = int(policy[s]) if policy is not None else int(rng.integers(lake.action_space.n))
+            s, r, terminated, _, _ = lake.step(a)
+            if terminated:
+                break
+        lengths[ep], won[ep] = step, terminated and r > 0
+    return lengths, won
 
 
 def plot_values(env, V, policy, gamma):
@@ -194,10 +204,17 @@ def run(cfg: Config, ctx) -> dict[str, float]:
         ctx.log("policy_iteration", **row)
 
     horizon = env.spec.max_episode_steps
-    success = play(env, pi_vi, cfg.eval_episodes, cfg.seed)
+    lengths, won = play(env, pi_vi, cfg.eval_episodes, cfg.seed)
+    success = float(np.mean(won & (lengths <= horizon)))         # what the env's 100-step time limit scores
     success_model = success_probability(env, P, pi_vi, horizon)
     stderr = np.sqrt(max(success_model * (1 - success_model), 1e-12) / cfg.eval_episodes)
-    random_success = play(env, None, cfg.eval_episodes, cfg.seed + 1)
+    # V^pi(start) = E[gamma^(T-1) 1{goal}]: reward 1 on the last step T, no time limit. Sampled from
+    # the real env it shares nothing with the model P, R that VI solved, so it checks the model too.
+    returns = np.where(won, cfg.gamma ** (lengths - 1.0), 0.0)
+    v_start_mc = float(returns.mean())
+    v_start_stderr = np.sqrt(max(float(returns.var(ddof=1)), 1e-12) / cfg.eval_episodes)
+    random_lengths, random_won = play(env, None, cfg.eval_episodes, cfg.seed + 1)
+    random_success = float(np.mean(random_won & (random_lengths <= horizon)))
 
     for gamma in cfg.gamma_sweep:
         _, pi_g, _ = value_iteration(P, R, gamma, cfg.theta, cfg.max_sweeps)
@@ -215,12 +232,15 @@ def run(cfg: Config, ctx) -> dict[str, float]:
     ax.set(xlabel="1 - gamma (log scale; far-sighted to the right)", ylabel=f"P(goal within {horizon} steps)", title="myopic agents fail more")
     ctx.save_figure(fig, "success_vs_gamma.png")
 
-    ctx.say(f"V*(start)={V_vi[0]:.4f}  VI sweeps={len(residuals)}  PI steps={len(pi_history)}  "
-            f"greedy success {success:.3f} (model says {success_model:.3f}), random {random_success:.3f}")
+    ctx.say(f"V*(start)={V_vi[0]:.4f} (real env: {v_start_mc:.4f})  VI sweeps={len(residuals)}  "
+            f"PI steps={len(pi_history)}  greedy success {success:.3f} (model says {success_model:.3f}), "
+            f"random {random_success:.3f}")
     return {
         "vi_sweeps": len(residuals),
         "pi_iterations": len(pi_history),
         "v_start": float(V_vi[0]),
+        "v_start_mc": v_start_mc,
+        "v_start_z": float(abs(V_vi[0] - v_start_mc) / v_start_stderr),
         "vi_pi_max_abs_diff": float(np.abs(V_vi - V_pi).max()),
         "bellman_solve_max_abs_diff": float(np.abs(V_vi - V_exact).max()),
         "success_rate": success,

@@ -172,6 +172,7 @@ def prediction_sweep(cfg: Config, rng: np.random.Generator) -> tuple[np.ndarray,
 ALGORITHMS = ("sarsa", "qlearning")
 GRID_SHAPE = (4, 12)  # CliffWalking: start bottom-left, goal bottom-right, the cliff between them
 GREEDY_STEP_CAP = 100  # CliffWalking-v1 has no time limit: a looping greedy policy must end (and score <= -100)
+EDGE_PATH_RETURN = -13  # up, 11 x right, down: the only 13-step path (the optimum) runs along the cliff edge
 SMOOTH_EPISODES = 10  # moving-average window of the plotted online returns
 
 
@@ -282,7 +283,7 @@ def plot_online_returns(cfg: Config, returns: np.ndarray):
     for k, name in enumerate(ALGORITHMS):
         mean = returns[:, k].mean(axis=0)
         ax.plot(episodes, np.convolve(mean, np.ones(window) / window, mode="valid"), label=name)
-    ax.axhline(-13, ls=":", color="gray", label="optimal path (-13)")
+    ax.axhline(EDGE_PATH_RETURN, ls=":", color="gray", label=f"optimal path ({EDGE_PATH_RETURN})")
     ax.set(xlabel="episode", ylabel=f"return per episode ({window}-episode moving avg.)", ylim=(-100, 0),
            title=f"CliffWalking-v1, ε = {cfg.epsilon}, α = {cfg.alpha}, mean of {cfg.control_runs} runs")
     ax.legend()
@@ -326,7 +327,11 @@ def run(cfg: Config, ctx) -> dict[str, float]:
               for k, name in enumerate(ALGORITHMS)}
     for run in range(cfg.control_runs):
         ctx.log("greedy_returns", run=run, **{f"{name}_return": greedy[name][run][0] for name in ALGORITHMS})
-    online = {name: float(returns[:, k, cfg.skip_episodes:].mean()) for k, name in enumerate(ALGORITHMS)}
+    per_run = dict(zip(ALGORITHMS, returns[:, :, cfg.skip_episodes:].mean(axis=2).T))  # name -> (runs,)
+    online = {name: float(per_run[name].mean()) for name in ALGORITHMS}
+    # the runs are independent, so the per-run gaps give the gap's standard error
+    gap = per_run["sarsa"] - per_run["qlearning"]
+    gap_z = float(gap.mean() / (gap.std(ddof=1) / np.sqrt(cfg.control_runs))) if cfg.control_runs > 1 else float("nan")
     greedy_mean = {name: float(np.mean([ret for ret, _ in greedy[name]])) for name in ALGORITHMS}
 
     mean_rms, overflowed = prediction_sweep(cfg, np.random.default_rng(walk_seed))
@@ -349,6 +354,9 @@ def run(cfg: Config, ctx) -> dict[str, float]:
     return {
         "rms_initial": rms_initial,
         "rms_best_lambda0": float(best_per_lambda[lambdas == 0][0]),
+        # a ratio, not rms_best_lambda0 < rms_initial: a no-op learner's mean RMS equals rms_initial only up
+        # to rounding, so the strict comparison could pass without any learning
+        "rms_ratio_lambda0": float(best_per_lambda[lambdas == 0][0] / rms_initial),
         "rms_best_lambda1": float(best_per_lambda[lambdas == 1][0]),
         "rms_best_intermediate": float(best_per_lambda[best_i]),
         "best_intermediate_lambda": float(lambdas[best_i]),
@@ -356,6 +364,8 @@ def run(cfg: Config, ctx) -> dict[str, float]:
         "settings_worse_than_initial": int((mean_rms > rms_initial).sum()),
         "sarsa_online_return": online["sarsa"],
         "qlearning_online_return": online["qlearning"],
+        "online_return_gap_z": gap_z,
         "sarsa_greedy_return": greedy_mean["sarsa"],
+        "sarsa_greedy_edge_fraction": float(np.mean([ret == EDGE_PATH_RETURN for ret, _ in greedy["sarsa"]])),
         "qlearning_greedy_return": greedy_mean["qlearning"],
     }

@@ -14,6 +14,8 @@ For each one we measure:
     parameters              model.num_params()
     decode tokens/s         cached greedy generation, as a ratio to MHA (timing: logged, never asserted)
     val loss                cross-entropy after the same short AdamW pretraining on the generated stories
+    future leak             max_{t < c} |logits_t(x) - logits_t(x')|, x' = x with every token from c on
+                            changed: a causal model's predictions cannot depend on later tokens (0)
 
 and compare the val losses with the unigram entropy H = -sum_w p(w) log p(w) of the training tokens:
 the loss of a model that ignores the context, so a model that learned nothing cannot beat it.
@@ -128,6 +130,19 @@ def val_loss(model: Transformer, bins: TokenBins, cfg: Config) -> float:
 
 
 @torch.no_grad()
+def future_leak(model: Transformer, bins: TokenBins, cfg: Config, vocab_size: int) -> float:
+    """Largest change of a logit before position c = block_size / 2 when every token from c on is
+    replaced. 0 up to rounding for a causal model; a leak also makes the val loss a lie (the model
+    reads the token it is asked to predict)."""
+    model.eval()
+    x, _ = bins.get_batch("val", 2, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 2))
+    cut = cfg.block_size // 2
+    changed = x.clone()
+    changed[:, cut:] = (x[:, cut:] + 1) % vocab_size  # a different token at every later position
+    return (model(x)[:, :cut] - model(changed)[:, :cut]).abs().max().item()
+
+
+@torch.no_grad()
 def decode_tokens_per_s(model: Transformer, n_tokens: int, bos_id: int) -> float:
     """Greedy cached generation from a one-token prompt: prefill once, then one token per step."""
     model.eval()
@@ -163,6 +178,7 @@ def run(cfg: Config, ctx) -> dict:
                    cache_bytes_formula=model.cache_bytes_per_token())
         pretrain(model, bins, cfg)
         row["val_loss"] = val_loss(model, bins, cfg)
+        row["future_leak"] = future_leak(model, bins, cfg, vocab_size)
         row["decode_tok_per_s"] = decode_tokens_per_s(model, cfg.decode_tokens, bos_id)
         rows[arch] = row
     for row in rows.values():
@@ -179,6 +195,7 @@ def run(cfg: Config, ctx) -> dict:
         # DeepSeek-V2 Table 1: (d_c + d_h^R) elements per token and layer
         "mla_cache_from_config": (cfg.kv_lora_rank + (cfg.n_embd // cfg.n_head) // 2) * element_size * cfg.n_layer,
         "unigram_entropy": entropy,
+        "future_leak_max": max(r["future_leak"] for r in rows.values()),
     }
     for arch, row in rows.items():
         metrics[f"cache_bytes_{arch}"] = row["cache_bytes_measured"]

@@ -15,7 +15,8 @@
              (training FLOPs per token x tokens/s) / (matmul FLOP/s measured in this process, in
              the compute dtype: fp32, or bf16 with dtype=bf16)
     sample   stories continued from fixed prompts, decoded; the fraction of generated words that
-             occur in the training text, against the same measure for the untrained model
+             occur in the training text, against the same measure for the untrained model, and the
+             fraction of words that repeat the word before them ("was was"), against the training text's
 
 The baseline a trained model must beat: the unigram entropy H = -sum_w p(w) ln p(w) of the training
 tokens, the loss of the best model that ignores the context.
@@ -206,6 +207,18 @@ def known_word_fraction(texts: list[str], vocabulary: set[str]) -> float:
     return sum(w in vocabulary for w in words) / len(words) if words else 0.0
 
 
+def word_repeat_fraction(texts: list[str]) -> float:
+    """Fraction of the word-to-word transitions in `texts` where a word repeats the one before it
+    ("was was"), 0 when there are none. The stories do it rarely ("named Tom. Tom loved"); a model
+    stuck copying its input token does it on almost every word."""
+    repeats = transitions = 0
+    for text in texts:
+        words = WORD.findall(text.lower())
+        repeats += sum(a == b for a, b in zip(words, words[1:]))
+        transitions += max(len(words) - 1, 0)
+    return repeats / transitions if transitions else 0.0
+
+
 @torch.no_grad()
 def write_samples(model: Transformer, tok: Tokenizer, cfg: Config, device: torch.device) -> list[str]:
     """Continue n_samples prompts (after <eos>, where every training story starts); cut at <eos>."""
@@ -271,6 +284,7 @@ def run(cfg: Config, ctx) -> dict:
     opt = torch.optim.AdamW(adamw_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     batches = torch.Generator().manual_seed(cfg.seed)
     vocabulary = {w for d in train_docs for w in WORD.findall(d.lower())}
+    train_repeats = word_repeat_fraction(train_docs)  # 0.0 on ranks > 0 (no documents): rank 0 reports
 
     resumed = ctx.load_checkpoint()
     if resumed:
@@ -324,7 +338,7 @@ def run(cfg: Config, ctx) -> dict:
 
     metrics = None
     if ctx.is_main:
-        metrics = finish(raw, tok, bins, vocabulary, untrained, cfg, ctx, device)
+        metrics = finish(raw, tok, bins, vocabulary, train_repeats, untrained, cfg, ctx, device)
     if world > 1:  # the other ranks report what rank 0 measured
         box = [metrics]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -332,8 +346,8 @@ def run(cfg: Config, ctx) -> dict:
     return metrics
 
 
-def finish(model: Transformer, tok: Tokenizer, bins: TokenBins, vocabulary: set[str], untrained: dict,
-           cfg: Config, ctx, device: torch.device) -> dict:
+def finish(model: Transformer, tok: Tokenizer, bins: TokenBins, vocabulary: set[str], train_repeats: float,
+           untrained: dict, cfg: Config, ctx, device: torch.device) -> dict:
     """Rank 0: samples, the final model, plots and the metrics."""
     entropy = unigram_entropy(np.asarray(bins.splits["train"]), tok.vocab_size)
     samples = write_samples(model, tok, cfg, device)
@@ -355,6 +369,8 @@ def finish(model: Transformer, tok: Tokenizer, bins: TokenBins, vocabulary: set[
         "train_loss_last_10pct": float(np.mean(train_losses[-max(1, len(train_losses) // 10):])),
         "sample_known_words": known_word_fraction(samples, vocabulary),
         "sample_known_words_untrained": untrained["known_words"],
+        "sample_word_repeats": word_repeat_fraction(samples),
+        "train_word_repeats": train_repeats,
         "params": model.num_params(),
         "train_flops_per_token": model.flops_per_token(),
         "tokens_trained": cfg.steps * cfg.batch_size * cfg.block_size,

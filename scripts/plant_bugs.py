@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Plant every listed bug of a module in a scratch copy and require its checks and tests to catch it.
+
+    python scripts/plant_bugs.py                         # every bug of every module
+    python scripts/plant_bugs.py --module ppo            # one module (repeat --module for more)
+    python scripts/plant_bugs.py --module ppo --bug gae-no-done-mask
+    python scripts/plant_bugs.py --jobs 4
+
+The bugs are listed in each module's bugs.toml (what they are and how you would see them: the
+module README's "What goes wrong" section). The checkout is never changed. A chained module (sft,
+grpo, ...) gets its upstream toy runs built once, unmutated, under <work dir>/output/planted_bugs/.
+Exit status: 0 every bug caught by every catcher it names, 1 a survivor, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.paths import workdir  # noqa: E402
+from core.planted_bugs import build_upstream, hunt_all  # noqa: E402
+from core.registry import UnknownModule, discover  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--module", action="append", default=[], help="module name (repeatable; default: all)")
+    parser.add_argument("--bug", action="append", default=[], help="bug id (repeatable; default: all)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="bugs hunted side by side")
+    args = parser.parse_args(argv)
+    console, err = Console(), Console(stderr=True)
+
+    registry = discover()
+    try:
+        modules = [registry.get(name) for name in args.module] or list(registry.modules.values())
+    except UnknownModule as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        return 2
+    jobs = [(m, b) for m in modules for b in m.bugs if not args.bug or b.id in args.bug]
+    unknown = set(args.bug) - {b.id for _, b in jobs}
+    if unknown or not jobs:
+        err.print(f"[red]error:[/] no such bug in {', '.join(m.name for m in modules)}: {', '.join(sorted(unknown))}")
+        return 2
+
+    upstream_root = workdir() / "output" / "planted_bugs" / "upstream"
+    upstream = {m.name: build_upstream(m, upstream_root) for m in {m.name: m for m, _ in jobs}.values()}
+    started = time.perf_counter()
+    hunts = hunt_all([(m, b, upstream[m.name]) for m, b in jobs], args.jobs)
+
+    table = Table(title=f"planted bugs: {sum(h.caught for h in hunts)}/{len(hunts)} caught "
+                        f"({time.perf_counter() - started:.0f} s)")
+    for column in ("module", "bug", "catcher", "verdict"):
+        table.add_column(column, overflow="fold")
+    for (module, bug), found in zip(jobs, hunts):
+        for verdict in found.verdicts:
+            mark = "[green]caught[/]" if verdict.caught else "[red]SURVIVED[/]"
+            table.add_row(module.name, bug.id, verdict.catcher, f"{mark} {escape(verdict.detail)}")
+    console.print(table)
+    return 0 if all(h.caught for h in hunts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Record the key figures of a module's runs in assets/results/<module>.json (core/results.py).
+
+    python scripts/record_results.py --module ppo                 # the latest toy and default runs in the work dir
+    python scripts/record_results.py --module ppo --run           # run them first, then record
+    python scripts/record_results.py --all --run                  # every module, chained ones in chain order
+    python scripts/record_results.py --module cql --run --seeds 0,1,2   # also default@seed1, default@seed2
+
+A record keeps the runs it already had (a refresh with --run re-runs exactly those) and adds the ones
+asked for. Runs go to the work dir like any run (FINETUNE_WORKDIR). Every README figure must come from
+a record: tests/test_published_figures.py. Exit status: 0 recorded, 1 a run failed its checks (its
+figures are recorded anyway, marked), 2 bad input or no run to record.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.artifacts import write_json  # noqa: E402
+from core.paths import workdir  # noqa: E402
+from core.registry import Module, UnknownModule, discover  # noqa: E402
+from core.results import load_record, record_path, run_record  # noqa: E402
+
+
+def variants(module: Module, seeds: list[int]) -> list[str]:
+    """Run keys: "toy", "default", and "default@seedN" for each extra seed; plus those already recorded."""
+    keys = ["toy", "default", *(f"default@seed{s}" for s in seeds if s != module.presets["default"].seed)]
+    old = load_record(module.name) or {"runs": {}}
+    return list(dict.fromkeys([*keys, *old["runs"]]))
+
+
+def run_variant(module: Module, key: str) -> int:
+    preset, _, seed = key.partition("@seed")
+    cmd = [sys.executable, "run.py", "--module", module.name, "--preset", preset, *(["--seed", seed] if seed else [])]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+def record(module: Module, keys: list[str], run: bool) -> int:
+    old = load_record(module.name) or {"runs": {}}
+    runs, status = dict(old["runs"]), 0
+    for key in keys:
+        if run and run_variant(module, key) not in (0, 1):
+            print(f"{module.name} {key}: the run did not finish; its record is left as it was", file=sys.stderr)
+            status = 2
+            continue
+        run_json = workdir() / module.rel_path / "output" / key.partition("@")[0] / "run.json"
+        if not run_json.exists():
+            print(f"{module.name} {key}: no run in {run_json.parent}; run it or pass --run", file=sys.stderr)
+            status = 2
+            continue
+        runs[key] = run_record(run_json)
+        wanted_seed = int(key.partition("@seed")[2] or module.presets["default" if "@" in key else key].seed)
+        if runs[key]["seed"] != wanted_seed or runs[key]["overrides"]:
+            print(f"{module.name} {key}: the latest run has seed {runs[key]['seed']} and overrides "
+                  f"{runs[key]['overrides']}; rerun it with --run", file=sys.stderr)
+            del runs[key]
+            status = 2
+            continue
+        if runs[key]["status"] != "passed":
+            status = max(status, 1)
+    write_json(record_path(module.name), {"module": module.name, "runs": dict(sorted(runs.items()))})
+    print(f"recorded {module.name}: {', '.join(sorted(runs))} -> {record_path(module.name).relative_to(ROOT)}")
+    return status
+
+
+def chain_order(modules: list[Module]) -> list[Module]:
+    """Upstream modules first, so a chained run finds the fresh upstream instead of an old one."""
+    names = {m.name: m for m in modules}
+    ordered: list[Module] = []
+    def visit(m: Module) -> None:
+        if m in ordered:
+            return
+        for dep in m.depends:
+            if dep in names:
+                visit(names[dep])
+        ordered.append(m)
+    for m in modules:
+        visit(m)
+    return ordered
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--module", action="append", default=[], help="module name (repeatable)")
+    parser.add_argument("--all", action="store_true", help="every module")
+    parser.add_argument("--run", action="store_true", help="run the presets first")
+    parser.add_argument("--seeds", default="", help="extra default-preset seeds to record, e.g. 0,1,2")
+    args = parser.parse_args(argv)
+    registry = discover()
+    try:
+        modules = list(registry.modules.values()) if args.all else [registry.get(n) for n in args.module]
+    except UnknownModule as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not modules:
+        parser.error("name a --module or pass --all")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    return max(record(m, variants(m, seeds), args.run) for m in chain_order(modules))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
