@@ -12,7 +12,8 @@ algorithm from the right one. A mutated run that crashes is not a catch either (
 runs and gives wrong numbers; a crash means the planted text is wrong).
 
 The checkout is never touched. The copy runs with PYTHONPATH set to itself, ahead of the editable
-install, and with one torch thread per process, so hunts run side by side on a small machine.
+install, and with one torch thread per process, so hunts run side by side on a small machine. Each
+run is forked from a process with torch already imported (core/preloaded.py): ~4 s less per run.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Iterable
 from xml.etree import ElementTree
 
+from core import preloaded
 from core.artifacts import read_json
 from core.contract import PLANTED_ENV, PlantedBug
 from core.paths import ROOT
@@ -92,17 +94,16 @@ def hunt(module: Module, bug: PlantedBug, upstream: Path | None = None) -> Hunt:
     return Hunt(bug, tuple(found[catcher] for catcher in bug.caught_by))
 
 
-def _run(cmd: list[str], tree: Path, env: dict[str, str]) -> tuple[int | None, str]:
-    """(exit status or None on a timeout, the last lines of the output)."""
-    try:
-        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=CATCHER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
+def _run(argv: list[str], tree: Path, env: dict[str, str]) -> tuple[int | None, str]:
+    """`python *argv` in the copy: (exit status or None on a timeout, the last lines of the output)."""
+    status, output = preloaded.run(argv, tree, env, CATCHER_TIMEOUT_S)
+    if status is None:
         return None, f"timed out after {CATCHER_TIMEOUT_S} s"
-    return proc.returncode, " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+    return status, " | ".join(output.strip().splitlines()[-3:])
 
 
 def _toy_verdicts(module: Module, metrics: list[str], tree: Path, work: Path, env: dict[str, str]) -> dict[str, Verdict]:
-    status, tail = _run([sys.executable, "run.py", "--module", module.name, "--toy"], tree, env)
+    status, tail = _run(["run.py", "--module", module.name, "--toy"], tree, env)
     run_json = work / module.rel_path / "output" / "toy" / "run.json"
     checks = read_json(run_json)["checks"] if run_json.exists() else None
     verdicts = {}
@@ -126,7 +127,7 @@ def _toy_verdicts(module: Module, metrics: list[str], tree: Path, work: Path, en
 
 def _test_verdicts(nodes: list[str], tree: Path, env: dict[str, str], tmp: Path) -> dict[str, Verdict]:
     report = tmp / "junit.xml"
-    status, tail = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+    status, tail = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
                          str(tmp / "pytest"), f"--junitxml={report}", *nodes], tree, env)
     outcomes = _junit_outcomes(report) if report.exists() else {}
     verdicts = {}

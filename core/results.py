@@ -68,8 +68,16 @@ def run_record(run_json: Path) -> dict[str, Any]:
 
 
 def load_record(module: str) -> dict[str, Any] | None:
+    """The module's record, None if it has none; CorruptArtifact (naming the file) if it is not one."""
     path = record_path(module)
-    return artifacts.read_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    record = artifacts.read_json(path)
+    if not (isinstance(record, dict) and isinstance(record.get("runs"), dict)
+            and all(isinstance(run, dict) for run in record["runs"].values())):
+        raise artifacts.CorruptArtifact(f"{path}: not a results record (expected {{\"runs\": {{key: run}}}}); "
+                                        f"rewrite it with python scripts/record_results.py --module {module} --run")
+    return record
 
 
 def numbers(value: Any) -> Iterator[float]:
@@ -169,9 +177,12 @@ def unrecorded_figures(registry: Registry, modules: Iterable[str] | None = None)
         problems[path] = unrecorded(path.read_text(encoding="utf-8"), quotable(_with_upstream(module, registry)))
     if modules is None:
         path, every, bad = ROOT / "README.md", quotable(registry.modules.values()), []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            named = [registry.modules[n] for n in re.findall(r"`(\w+)`", line) if n in registry.modules]
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for line_no, fig in figures(text):  # the whole text: its not-results comment applies to every line
+            named = [registry.modules[n] for n in re.findall(r"`(\w+)`", lines[line_no - 1]) if n in registry.modules]
             values = quotable(u for m in named for u in _with_upstream(m, registry)) if named else every
-            bad += [(line_no, fig) for _, fig in figures(line) if not is_recorded(fig, values)]
+            if not is_recorded(fig, values):
+                bad.append((line_no, fig))
         problems[path] = bad
     return {path: bad for path, bad in problems.items() if bad}

@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core.artifacts import CorruptArtifact  # noqa: E402
 from core.registry import UnknownModule, discover  # noqa: E402
 from core.results import unrecorded_figures  # noqa: E402
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = discover()
     try:
         problems = unrecorded_figures(registry, args.module)
-    except UnknownModule as exc:
+    except (UnknownModule, CorruptArtifact) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path, bad in problems.items():

@@ -5,6 +5,7 @@
     python scripts/record_results.py --module ppo --run           # run them first, then record
     python scripts/record_results.py --all --run                  # every module, chained ones in chain order
     python scripts/record_results.py --module cql --run --seeds 0,1,2   # also default@seed1, default@seed2
+    python scripts/record_results.py --module cql --run --seeds 0,1,2 --missing   # only the runs not yet recorded
 
 A record keeps the runs it already had (a refresh with --run re-runs exactly those) and adds the ones
 asked for. Runs go to the work dir like any run (FINETUNE_WORKDIR). Every README figure must come from
@@ -14,6 +15,7 @@ figures are recorded anyway, marked), 2 bad input or no run to record.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.artifacts import write_json  # noqa: E402
+from core.artifacts import CorruptArtifact, write_json  # noqa: E402
 from core.paths import workdir  # noqa: E402
 from core.registry import Module, UnknownModule, discover  # noqa: E402
 from core.results import load_record, record_path, run_record  # noqa: E402
@@ -54,18 +56,18 @@ def record(module: Module, keys: list[str], run: bool) -> int:
             print(f"{module.name} {key}: no run in {run_json.parent}; run it or pass --run", file=sys.stderr)
             status = 2
             continue
-        runs[key] = run_record(run_json)
+        latest = run_record(run_json)
         wanted_seed = int(key.partition("@seed")[2] or module.presets["default" if "@" in key else key].seed)
-        if runs[key]["seed"] != wanted_seed or runs[key]["overrides"]:
-            print(f"{module.name} {key}: the latest run has seed {runs[key]['seed']} and overrides "
-                  f"{runs[key]['overrides']}; rerun it with --run", file=sys.stderr)
-            del runs[key]
+        if latest["seed"] != wanted_seed or latest["overrides"]:
+            print(f"{module.name} {key}: the latest run has seed {latest['seed']} and overrides "
+                  f"{latest['overrides']}; rerun it with --run (the record keeps what it had)", file=sys.stderr)
             status = 2
             continue
+        runs[key] = latest
         if runs[key]["status"] != "passed":
             status = max(status, 1)
     write_json(record_path(module.name), {"module": module.name, "runs": dict(sorted(runs.items()))})
-    print(f"recorded {module.name}: {', '.join(sorted(runs))} -> {record_path(module.name).relative_to(ROOT)}")
+    print(f"recorded {module.name}: {', '.join(sorted(runs))} -> {os.path.relpath(record_path(module.name), ROOT)}")
     return status
 
 
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every module")
     parser.add_argument("--run", action="store_true", help="run the presets first")
     parser.add_argument("--seeds", default="", help="extra default-preset seeds to record, e.g. 0,1,2")
+    parser.add_argument("--missing", action="store_true", help="only the runs the record lacks (with --run: "
+                                                               "run just those, keep the rest as recorded)")
     args = parser.parse_args(argv)
     registry = discover()
     try:
@@ -101,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     if not modules:
         parser.error("name a --module or pass --all")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    return max(record(m, variants(m, seeds), args.run) for m in chain_order(modules))
+    def wanted(m: Module) -> list[str]:
+        keys = variants(m, seeds)
+        return [k for k in keys if k not in (load_record(m.name) or {"runs": {}})["runs"]] if args.missing else keys
+    try:
+        return max(record(m, wanted(m), args.run) for m in chain_order(modules))
+    except CorruptArtifact as exc:  # a record or run.json that is not what it should be: say which file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

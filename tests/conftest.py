@@ -63,6 +63,7 @@ TOY_CHAIN_GROUP = pytest.mark.xdist_group("toy_chain")
 builds the chain once (a session fixture is per worker: two workers would build it twice)"""
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks into node ids
 def pytest_collection_modifyitems(items):
     for item in items:
         if "toy_chain" in getattr(item, "fixturenames", ()):
@@ -70,10 +71,26 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def toy_chain(tmp_path_factory) -> Chain:
+def toy_chain(tmp_path_factory, request) -> Chain:
+    if getattr(request.config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        _claim_the_toy_chain(tmp_path_factory.getbasetemp().parent)
     folder = tmp_path_factory.mktemp("toy_chain")
     threads = ["--threads", str(torch.get_num_threads())]  # 1 under xdist, like the rest of the worker
     proc = subprocess.run([sys.executable, "run.py", "--module", "grpo", "--toy", *threads], cwd=Path(__file__).parent.parent,
                           env={**os.environ, "FINETUNE_WORKDIR": str(folder)}, capture_output=True, text=True,
                           timeout=900)
     return Chain(folder, proc.returncode, proc.stdout + proc.stderr)
+
+
+def _claim_the_toy_chain(run_root: Path) -> None:  # run_root: the folder the workers' temp dirs share
+    """Under --dist loadgroup one worker builds the chain; a second builder means the grouping broke
+    (as pytest 9.2 with pytest-xdist 3.8 does, silently: xdist#1386) and the suite runs the chain twice."""
+    worker = os.environ["PYTEST_XDIST_WORKER"]
+    try:
+        fd = os.open(run_root / "toy_chain.claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        other = (run_root / "toy_chain.claimed").read_text()
+        pytest.fail(f"worker {worker} needs the toy chain that {other} built: --dist loadgroup is not grouping "
+                    f"the xdist_group('toy_chain') tests (check the pytest / pytest-xdist versions)")
+    with os.fdopen(fd, "w") as claim:
+        claim.write(worker)

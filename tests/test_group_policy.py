@@ -2,6 +2,7 @@
 refusal to go on from a broken upstream model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from core.artifacts import UserError
-from core.rl.group_policy import aggregate, group_advantages, k3_kl
+from core.rl.group_policy import aggregate, check_config, group_advantages, k3_kl
 from post_train.alignment.grpo.code.grpo import Config as GRPOConfig
 from post_train.alignment.grpo.code.grpo import grpo_objective
 from post_train.alignment.gspo.code.gspo import Config as GSPOConfig
@@ -193,3 +194,12 @@ def test_log_probs_are_taken_at_the_rollout_temperature():
         got = sequence_logprobs(model, ids, temperature=0.5)
     expected = (logits[:, :-1] / 0.5).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("field", ["group_size", "steps", "prompts_per_step", "iterations", "minibatches",
+                                   "eval_every", "checkpoint_every", "max_new_tokens"])
+def test_a_config_that_would_train_nothing_is_refused_naming_the_field(field):
+    cfg = dataclasses.replace(GRPOConfig(), **{field: 0})
+    with pytest.raises(UserError, match=f"{field}=0 must be at least"):
+        check_config(cfg)
+    check_config(GRPOConfig())  # the default passes

@@ -1,6 +1,10 @@
 """Every registered module's toy preset runs, passes its checks and is deterministic; every module
 that can resume ends an interrupted run with the same artifacts as an uninterrupted one.
 
+A resumable module proves its determinism through the resume: the interrupted run repeats the first
+part from the seed in a fresh work dir, and the resumed run must end byte-identical to the straight
+one, so a second straight run would add nothing but its time.
+
 Parametrised over the registry, so a module added later is covered without editing this file."""
 from __future__ import annotations
 
@@ -33,13 +37,17 @@ def fresh_workdir(monkeypatch, path, name, request):
         request.getfixturevalue("toy_chain").copy_to(path)
 
 
-@pytest.mark.parametrize("name", [module_param(n) for n in MODULES])
+def assert_checks_pass(name, result):
+    failed = [c["check"] for c in result.checks if not c["passed"]]
+    assert result.checks, f"{name}: the toy preset evaluates no check"
+    assert not failed, f"{name}: toy checks failed: {failed}"
+
+
+@pytest.mark.parametrize("name", [module_param(n) for n in MODULES if n not in RESUMABLE])
 def test_toy_preset_passes_its_checks_and_repeats_exactly(name, run_module, monkeypatch, tmp_path, request):
     fresh_workdir(monkeypatch, tmp_path / "first", name, request)
     first = run_module(name, "toy")
-    failed = [c["check"] for c in first.checks if not c["passed"]]
-    assert first.checks, f"{name}: the toy preset evaluates no check"
-    assert not failed, f"{name}: toy checks failed: {failed}"
+    assert_checks_pass(name, first)
 
     fresh_workdir(monkeypatch, tmp_path / "again", name, request)
     second = run_module(name, "toy")
@@ -47,7 +55,7 @@ def test_toy_preset_passes_its_checks_and_repeats_exactly(name, run_module, monk
 
 
 @pytest.mark.parametrize("name", [module_param(n) for n in RESUMABLE])
-def test_an_interrupted_run_resumes_to_identical_artifacts(name, run_module, monkeypatch, tmp_path, request):
+def test_toy_preset_passes_its_checks_and_an_interrupted_run_resumes_to_identical_artifacts(name, run_module, monkeypatch, tmp_path, request):
     original_save = RunContext.save_checkpoint
     saved_steps: list[int] = []
 
@@ -58,6 +66,7 @@ def test_an_interrupted_run_resumes_to_identical_artifacts(name, run_module, mon
     monkeypatch.setattr(RunContext, "save_checkpoint", counting_save)
     fresh_workdir(monkeypatch, tmp_path / "straight", name, request)
     straight = run_module(name, "toy")
+    assert_checks_pass(name, straight)
     assert len(saved_steps) >= 2, f"{name}: the toy preset should checkpoint at least twice"
     stop_at = saved_steps[len(saved_steps) // 2 - 1]
 

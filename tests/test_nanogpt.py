@@ -121,11 +121,14 @@ def test_toy_run_writes_samples_a_loadable_model_and_its_speed(run_module):
     assert model.num_params() == result.metrics["params"]
     timings = json.loads((result.out_dir / "run.json").read_text())["timings"]
     assert timings["tokens_per_s"] > 0 and 0 < timings["mfu"] < 1
+    assert timings["train_seconds"] > 0  # what tokens_per_s divides by
     assert "tokens_per_s" not in result.metrics, "speed varies: it stays out of metrics.json"
 
 
 def test_torchrun_ddp_reproduces_the_single_process_loss_curve(run_module, workdir):
-    overrides = ["grad_accum=2"]  # with DDP: per rank 2 micro-batches of 4 windows, no_sync on the first
+    # with DDP: per rank 2 micro-batches of 4 windows, no_sync on the first; 100 of the toy's 250 steps are
+    # enough to compare the curves (its samples need all 250 to pass sample_known_words: exit 1 is allowed)
+    overrides = ["grad_accum=2", "steps=100"]
     single = run_module("nanogpt", "toy", overrides)
 
     ddp_dir = workdir / "ddp"
@@ -133,7 +136,7 @@ def test_torchrun_ddp_reproduces_the_single_process_loss_curve(run_module, workd
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "run.py", "--module", "nanogpt", "--toy", *(a for o in overrides for a in ("--set", o))]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("artifacts: ") == 1, "rank 0 alone reports"
 
     ddp_out = ddp_dir / single.out_dir.relative_to(workdir)

@@ -11,6 +11,7 @@ import pytest
 from conftest import TOY_CHAIN_GROUP
 from core.contract import BugsError, PlantedBug, parse_bugs
 from core.paths import ROOT
+from core import preloaded
 from core.planted_bugs import hunt
 from core.registry import _validate_bugs, discover
 
@@ -43,6 +44,20 @@ def test_the_hunter_reports_a_survivor_and_a_crash():
         verdicts = hunt(mdp, bug).verdicts
         assert [v.catcher for v in verdicts] == list(catchers)
         assert all(not v.caught and word in v.detail for v in verdicts), verdicts
+
+
+def test_the_preloaded_launcher_runs_the_copy_with_its_env_and_stops_at_the_timeout(tmp_path):
+    """Forked runs import this project's code from the copy they run in (not from the checkout the
+    launcher was started from), see their own env and exit status, and are killed at the timeout."""
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "__init__.py").write_text("")
+    (tmp_path / "probe.py").write_text("import os, sys, time, core\n"
+                                       "print(core.__file__, os.getcwd(), os.environ['PROBE'], sys.argv[1:])\n"
+                                       "time.sleep(float(os.environ['NAP']))\nsys.exit(3)\n")
+    status, output = preloaded.run(["probe.py", "a"], tmp_path, {"PROBE": "seen", "NAP": "0"}, timeout=60)
+    assert status == 3
+    assert output.split() == [str(tmp_path / "core" / "__init__.py"), str(tmp_path), "seen", "['a']"]
+    assert preloaded.run(["probe.py"], tmp_path, {"PROBE": "x", "NAP": "30"}, timeout=1)[0] is None
 
 
 def _write_bugs(tmp_path: Path, entries: list[dict]) -> Path:

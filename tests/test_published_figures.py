@@ -3,37 +3,28 @@ a code change that moves a result makes this fail until the record and the READM
 (python scripts/record_results.py --module NAME --run, then python scripts/check_figures.py)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from core import results
 from core.paths import ROOT
 from core.registry import discover
 from core.results import figures, is_recorded, load_record, unrecorded_figures
 
 REGISTRY = discover()
-NOT_YET_CHECKED = {"README.md", "nanogpt", "sft", "grpo", "gspo", "eval",
-                   "actor_critic", "ppo", "cql", "bcq"}
-"""issue 12 is landing in steps: these READMEs still quote figures from before the records existed.
-A README leaves this set when scripts/check_figures.py passes on it; the set only shrinks."""
-CHECKED = sorted(set(REGISTRY.modules) - NOT_YET_CHECKED)
+MODULES = sorted(REGISTRY.modules)
 
 
-@pytest.mark.parametrize("name", CHECKED)
+@pytest.mark.parametrize("name", MODULES)
 def test_every_module_has_a_record_of_its_toy_and_default_runs(name):
     record = load_record(name)
     assert record is not None, f"no assets/results/{name}.json: python scripts/record_results.py --module {name} --run"
     assert {"toy", "default"} <= set(record["runs"])
 
 
-def test_the_readmes_not_yet_checked_are_named_and_do_quote_unrecorded_figures():
-    """An entry that has become clean must leave NOT_YET_CHECKED, so the exemption cannot outlive its need."""
-    assert NOT_YET_CHECKED <= {*REGISTRY.modules, "README.md"}
-    clean = [name for name in NOT_YET_CHECKED - {"README.md"}
-             if load_record(name) and not unrecorded_figures(REGISTRY, [name])]
-    assert not clean, f"{clean} now quote only recorded figures: remove them from NOT_YET_CHECKED"
-
-
 def test_every_readme_quotes_only_recorded_figures():
-    problems = unrecorded_figures(REGISTRY, CHECKED)
+    problems = unrecorded_figures(REGISTRY)  # every module's README and README.md
     assert not problems, "figures no recorded run gives (README: line figure, ...); see python scripts/check_figures.py\n" + \
         "\n".join(f"{path.relative_to(ROOT)}: " + ", ".join(f"{line} {fig}" for line, fig in bad)
                   for path, bad in problems.items())
@@ -48,3 +39,26 @@ def test_the_figure_scanner_reads_the_forms_a_readme_uses():
     assert not is_recorded("0.543", recorded) and not is_recorded("27.3", recorded)  # sign and last digit matter
     assert not is_recorded("0.0004", [0.4466]) and is_recorded("0.4k", [400.0])   # a unit only where it is written
     assert [f for _, f in figures("<!-- not results: 0.99 (gamma) -->gamma 0.99, V 0.542")] == ["0.542"]
+
+
+def test_a_corrupt_record_is_one_clear_error_naming_its_file(tmp_path, monkeypatch, capsys):
+    from scripts import check_figures
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    for text in ("{not json", "[1, 2]", '{"runs": {"default": 3}}'):
+        (tmp_path / "mdp.json").write_text(text)
+        assert check_figures.main(["--module", "mdp"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "mdp.json" in err and err.startswith("error: ")
+
+
+def test_record_results_keeps_the_record_when_the_latest_run_is_another_seed(run_module, tmp_path, monkeypatch):
+    from scripts import record_results
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    kept = {"seed": 0, "overrides": [], "status": "passed", "metrics": {"v_start": 0.5}}
+    results.record_path("mdp").write_text(json.dumps({"module": "mdp", "runs": {"toy": kept}}))
+    run_module("mdp", "toy", seed=5)  # the latest toy run is seed 5, not the preset's 0
+    assert record_results.main(["--module", "mdp"]) == 2  # toy: wrong seed; default: never run
+    assert load_record("mdp")["runs"] == {"toy": kept}
+    assert record_results.main(["--module", "mdp", "--missing"]) == 2  # only default is asked for
+    assert load_record("mdp")["runs"] == {"toy": kept}

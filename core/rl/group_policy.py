@@ -212,7 +212,8 @@ def evaluate(model: Transformer, tok: Tokenizer, problems: list[Problem], cfg: G
 def check_config(cfg: GroupPolicyConfig) -> None:
     """Values that would make the run meaningless, refused before any work (exit 2)."""
     problems = [f"{k}={getattr(cfg, k)} must be at least {low}" for k, low in (
-        ("group_size", 2), ("steps", 1),  # a group of one has nothing to be compared with ("prompts_per_step", 1), ("iterations", 1), ("minibatches", 1),
+        ("group_size", 2),  # a group of one has nothing to be compared with
+        ("steps", 1), ("prompts_per_step", 1), ("iterations", 1), ("minibatches", 1),
         ("eval_every", 1), ("checkpoint_every", 1), ("eval_samples", 1), ("n_prompts", 1), ("n_held_out", 1),
         ("max_new_tokens", 1)) if getattr(cfg, k) < low]
     if not cfg.temperature > 0:

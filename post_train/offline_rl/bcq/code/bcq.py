@@ -121,20 +121,25 @@ def train_behaviour_model(dataset: OfflineDataset, quality: str, cfg: Config, ct
 
 
 def train_bcq(dataset: OfflineDataset, quality: str, behaviour: nn.Module, tau: float, cfg: Config, ctx) -> nn.Module:
-    """Q-learning restricted to G's allowed actions; every tau starts from the same init."""
+    """Q-learning restricted to G's allowed actions; every tau starts from the same init.
+
+    At tau = 1 only G's most likely action passes the filter, so Q cannot change the policy: it is
+    not trained (its curve is the cloning policy evaluated at the same points, loss NaN)."""
     q_net = q_network(cfg.hidden, derived_seed("q-init", cfg.seed, quality))
     target_net = copy.deepcopy(q_net)
     opt = torch.optim.Adam(q_net.parameters(), lr=cfg.lr)
     policy = FilteredPolicy(q_net, behaviour, tau)
     batches = minibatches(dataset, quality, cfg)
+    loss = torch.tensor(float("nan"))
     for update, batch in enumerate(ctx.track(batches, f"BCQ tau={tau:g} on {quality}", total=cfg.updates), 1):
-        q_data = q_net(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
-        loss = nn.functional.smooth_l1_loss(q_data, bcq_target(q_net, target_net, behaviour, batch, cfg, tau))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if update % cfg.target_update_every == 0:
-            target_net.load_state_dict(q_net.state_dict())
+        if tau < 1:
+            q_data = q_net(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+            loss = nn.functional.smooth_l1_loss(q_data, bcq_target(q_net, target_net, behaviour, batch, cfg, tau))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if update % cfg.target_update_every == 0:
+                target_net.load_state_dict(q_net.state_dict())
         if update % cfg.eval_every == 0:
             returns = greedy_returns(policy, cfg.eval_episodes, derived_seed("eval", cfg.seed, update))
             ctx.log("curves", dataset=quality, tau=tau, update=update, eval_return=float(returns.mean()),

@@ -333,8 +333,8 @@ def run(cfg: Config, ctx) -> dict:
 
     tokens_per_s = (cfg.steps - start - 1) * cfg.batch_size * cfg.block_size / max(train_seconds, 1e-9)
     ctx.measure(tokens_per_s=tokens_per_s, mfu=raw.flops_per_token() * tokens_per_s / peak.item(),
-                peak_matmul_gflops=peak.item() / 1e9,  # in the compute dtype train_seconds=train_seconds,
-                peak_memory_mb=peak_memory_mb(device))
+                peak_matmul_gflops=peak.item() / 1e9,  # in the compute dtype
+                train_seconds=train_seconds, peak_memory_mb=peak_memory_mb(device))
 
     metrics = None
     if ctx.is_main:
