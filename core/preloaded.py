@@ -103,6 +103,8 @@ def run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> tupl
     """Run `python *argv` (argv[0] a script, or "-m", "pytest", ...) in `cwd` with `env`, forked from
     the zygote. Returns (exit status, or None when it timed out; everything it printed)."""
     kind = "pytest" if argv[:2] == ["-m", "pytest"] else "script"
+    if argv[0].startswith("-") and kind != "pytest":
+        raise ValueError(f"preloaded.run runs a script or -m pytest, not {argv[:2]}")
     args = ["pytest", *argv[2:]] if kind == "pytest" else list(argv)
     with tempfile.NamedTemporaryFile("r", suffix=".log", encoding="utf-8", errors="replace") as log:
         zygote = _zygote()

@@ -29,10 +29,13 @@ from core.registry import Module, UnknownModule, discover  # noqa: E402
 from core.results import load_record, record_path, run_record  # noqa: E402
 
 
-def variants(module: Module, seeds: list[int]) -> list[str]:
-    """Run keys: "toy", "default", and "default@seedN" for each extra seed; plus those already recorded."""
+def variants(module: Module, seeds: list[int], missing: bool = False) -> list[str]:
+    """Run keys: "toy", "default", and "default@seedN" for each extra seed; plus those already recorded,
+    or, if `missing`, only the asked-for keys the record lacks."""
     keys = ["toy", "default", *(f"default@seed{s}" for s in seeds if s != module.presets["default"].seed)]
     old = load_record(module.name) or {"runs": {}}
+    if missing:
+        return [k for k in keys if k not in old["runs"]]
     return list(dict.fromkeys([*keys, *old["runs"]]))
 
 
@@ -105,11 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if not modules:
         parser.error("name a --module or pass --all")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    def wanted(m: Module) -> list[str]:
-        keys = variants(m, seeds)
-        return [k for k in keys if k not in (load_record(m.name) or {"runs": {}})["runs"]] if args.missing else keys
     try:
-        return max(record(m, wanted(m), args.run) for m in chain_order(modules))
+        return max(record(m, variants(m, seeds, args.missing), args.run) for m in chain_order(modules))
     except CorruptArtifact as exc:  # a record or run.json that is not what it should be: say which file
         print(f"error: {exc}", file=sys.stderr)
         return 2
