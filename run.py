@@ -8,13 +8,16 @@
     python run.py --module td_learning --set episodes=300 --set alpha=0.3
     python run.py --module gae --preset default --seed 3
 
-Exit status: 0 every check passed, 1 a check failed, 2 bad input (unknown module, key or value),
-130 interrupted (a resumable module keeps its checkpoint: rerun with --set resume=true).
+Exit status (core/cli.py): 0 every check passed, 1 a check failed, 2 bad input (unknown module,
+key or value out of its range, unreadable file, unwritable work dir), 3 an internal error (a bug: the
+traceback is in <module>/output/<preset>.crashed/traceback.log), 130 interrupted (the previous run's
+folder is intact; a resumable module keeps its checkpoint: rerun with --set resume=true).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from datetime import datetime, timezone
 
@@ -22,11 +25,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from core.artifacts import UserError
+from core import cli
 from core.config import ConfigError, field_docs, field_types, type_name
 from core.distributed import is_main_process
+from core.errors import UserError
 from core.registry import Module, Registry, UnknownModule, discover
-from core.run_context import RunResult, execute, read_run_index
+from core.run_context import RunResult, crashed_folder, execute, read_run_index
 from learning.questions import load_bank
 
 # piped output (CI logs, tests) gets wide tables instead of rich's 80-column default
@@ -34,8 +38,17 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+MAX_THREADS = 1024
+
+
+def thread_count(raw: str) -> int:
+    if not re.fullmatch(r"[0-9]+", raw) or not 1 <= int(raw) <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads in [1, {MAX_THREADS}], got {raw!r}")
+    return int(raw)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Finetune: run and inspect learning modules.", add_help=False)
+    p = cli.Parser(description="Finetune: run and inspect learning modules.", add_help=False)
     p.add_argument("-h", "--help", action="store_true", help="this help; with --module, the module's config")
     p.add_argument("--list", action="store_true", help="table of modules with their last runs")
     p.add_argument("--info", metavar="NAME", help="what a module shows, its metrics, checks and presets")
@@ -47,8 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--preset", default=None, help="preset to start from (default: 'default')")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field (repeatable); see --module NAME --help")
-    p.add_argument("--seed", type=int, default=None, help="random seed (overrides the preset's)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", default=None, help="random seed in [0, 2^32-1] (overrides the preset's)")
+    p.add_argument("--threads", type=thread_count, default=None,
+                   help="torch CPU threads (default: the module's choice, else torch's)")
     args = p.parse_args(argv)
     args.parser = p
     return args
@@ -129,18 +143,19 @@ def cmd_module_help(m: Module) -> int:
     cls = m.config_class
     docs, types_ = field_docs(cls), field_types(cls)
     table = Table(title=f"{m.name}: config fields (--set KEY=VALUE)")
-    table.add_column("key")
-    table.add_column("type")
+    table.add_column("key", no_wrap=True)
+    table.add_column("type and valid values", max_width=28)
     for preset in m.presets:
-        table.add_column(preset)
-    table.add_column("meaning")
+        table.add_column(preset, max_width=16, overflow="fold")
+    table.add_column("meaning", ratio=1)
     for f in dataclasses.fields(cls):
         values = [repr(getattr(p, f.name)) for p in m.presets.values()]
         table.add_row(f.name, escape(type_name(types_[f.name])), *map(escape, values), escape(docs.get(f.name, "")))
     console.print(f"[bold]{m.name}[/] — {escape(m.title)}\n{escape(m.summary)}\n")
     console.print(table)
     console.print(f"usage: python run.py --module {m.name} [--toy | --preset {'|'.join(m.presets)}] "
-                  f"[--set KEY=VALUE]... [--seed N]")
+                  f"[--set KEY=VALUE]... [--seed N]\n(the config fields above; a value outside its range is "
+                  f"refused before any work, exit 2)")
     return 0
 
 
@@ -165,52 +180,54 @@ def print_result(result: RunResult) -> None:
     console.print(f"artifacts: {result.out_dir}")
 
 
-def cmd_run(m: Module, args: argparse.Namespace) -> int:
+def cmd_run(m: Module, args: argparse.Namespace, state: argparse.Namespace) -> int:
     preset = "toy" if args.toy else (args.preset or "default")
+    state.crash_log = crashed_folder(m, preset) / "traceback.log"  # where a bug's traceback goes
     console.print(f"[bold]{m.name}[/] — {m.title}  preset=[cyan]{preset}[/]"
                   + (f"  overrides={args.overrides}" if args.overrides else ""))
     try:
         result = execute(m, preset, args.overrides, args.seed, args.threads, console)
-    except (ConfigError, KeyError) as exc:
-        err.print(f"[red]error:[/] {exc.args[0] if isinstance(exc, KeyError) else exc}")
-        err.print(f"see: python run.py --module {m.name} --help")
-        return 2
-    except UserError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        return 2
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted.[/] Modules that checkpoint keep their state: rerun with --set resume=true")
-        return 130
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (python run.py --module {m.name} --help lists each field's range)") from None
     print_result(result)
-    return 0 if result.passed else 1
+    if result.index_error:
+        print(f"warning: the run is complete in {result.out_dir}, but the run index could not be updated "
+              f"({result.index_error}): --list and later chained runs will not see it", file=sys.stderr)
+    return cli.OK if result.passed else cli.CHECK_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    state = argparse.Namespace(crash_log=cli.crash_log("run")())
+    return cli.guard(lambda: _main(sys.argv[1:] if argv is None else argv, state), lambda: state.crash_log,
+                     interrupted="interrupted: the previous run's folder is as it was; a module that "
+                                 "checkpoints keeps its state (rerun with --set resume=true)")
+
+
+def _main(argv: list[str], state: argparse.Namespace) -> int:
+    args = parse_args(argv)
     console.quiet = not is_main_process()  # under torchrun, rank 0 speaks for all (errors still show)
     if args.help and not args.module:
         args.parser.print_help()
         return 0
+    name = args.info or args.module
+    if not (name or args.list or args.progress):
+        args.parser.print_help()
+        raise UserError("say what to do: --list, --info NAME or --module NAME (see the help above)")
     registry = discover()
     if args.list:
         return cmd_list(registry)
     if args.progress:
         return cmd_progress(registry)
-    name = args.info or args.module
-    if not name:
-        args.parser.print_help()
-        return 2
     try:
         module = registry.get(name)
-    except UnknownModule as exc:
-        err.print(f"[red]error:[/] {exc}")
+    except UnknownModule:
         report_broken(registry)
-        return 2
+        raise
     if args.info:
         return cmd_info(module)
     if args.help:
         return cmd_module_help(module)
-    return cmd_run(module, args)
+    return cmd_run(module, args, state)
 
 
 if __name__ == "__main__":

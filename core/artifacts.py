@@ -1,7 +1,12 @@
-"""Atomic artifact writing and safe checkpoint loading.
+"""Atomic artifact writing, run folders swapped in one rename, safe checkpoint loading.
 
 Every file is written to a temporary sibling, flushed to disk and renamed over the target, so a
-crash mid-write leaves the previous version intact (rename is atomic on POSIX filesystems).
+crash mid-write leaves the previous version intact (rename is atomic on POSIX filesystems). The
+temporary name carries the writer's pid, so `sweep_leftovers` can remove what a killed process left.
+
+A run writes into its own folder, `output/.runs/<preset>-<run id>/`; `output/<preset>` is a symbolic
+link to the latest complete one, replaced in one rename when a run finishes. A reader therefore sees
+the previous run or the new one, never a mixture, whatever moment a run is killed at.
 """
 from __future__ import annotations
 
@@ -12,20 +17,15 @@ import io
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-
-class UserError(RuntimeError):
-    """An error the user can act on (a corrupt file, a mismatched checkpoint, no network): the CLI
-    prints its message, without a traceback, and exits 2."""
-
-
-class CorruptArtifact(UserError):
-    """A file exists but cannot be read; the message names the file."""
+from core.errors import CorruptArtifact, UserError  # noqa: F401 - the names modules import from here
 
 
 def _umask() -> int:
@@ -37,10 +37,14 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone creates 0600 files
 
 
+TMP_SUFFIX = ".tmp"
+_TMP_NAME = re.compile(r"^\..+\.(\d+)\.([A-Za-z0-9_]{8}|link)\.tmp$")  # .NAME.PID.XXXXXXXX.tmp (mkstemp's)
+
+
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX)
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
@@ -130,3 +134,62 @@ def locked(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+# --- run folders --------------------------------------------------------------------------------
+RUNS = ".runs"
+_RUN_NAME = re.compile(r"-pid(\d+)$")  # a run folder's name ends in its writer's pid
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def run_folder(link: Path, run_id: str, owner: int) -> Path:
+    """The folder a run writes into, `<link's folder>/.runs/<link name>-<run_id>-pid<owner>/`: the pid
+    in its name tells a sweep whether the process it belongs to still lives."""
+    return link.parent / RUNS / f"{link.name}-{run_id}-pid{owner}"
+
+
+def commit_run_folder(link: Path, staged: Path) -> None:
+    """Make `link` point at `staged` with one rename, then remove the run folder it pointed at."""
+    previous = link.resolve() if link.is_symlink() else None
+    if link.exists() and not link.is_symlink():  # a real folder (an older layout): move it aside first
+        aside = link.parent / RUNS / f"{link.name}-replaced-pid{os.getpid()}"
+        link.rename(aside)
+        previous = aside
+    tmp_link = link.parent / f".{link.name}.{os.getpid()}.link{TMP_SUFFIX}"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(staged.relative_to(link.parent))
+    os.replace(tmp_link, link)
+    if previous is not None and previous != staged.resolve() and previous.parent.name == RUNS:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def sweep_leftovers(roots: list[Path]) -> list[Path]:
+    """Remove what killed processes left under `roots`: temporary files of atomic writes and run
+    folders that no link points at, whose writer is gone. Returns what it removed."""
+    removed = []
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            here = Path(folder)
+            for name in [*files, *(d for d in dirs if (here / d).is_symlink())]:
+                match = _TMP_NAME.match(name)
+                if match and not process_alive(int(match.group(1))):
+                    (here / name).unlink(missing_ok=True)
+                    removed.append(here / name)
+            if here.name == RUNS:
+                linked = {p.resolve() for p in here.parent.iterdir() if p.is_symlink()}
+                for run in map(here.joinpath, list(dirs)):
+                    writer = _RUN_NAME.search(run.name)
+                    if run.resolve() not in linked and not (writer and process_alive(int(writer.group(1)))):
+                        shutil.rmtree(run, ignore_errors=True)
+                        removed.append(run)
+                dirs.clear()  # a run folder is finished or swept whole
+    return removed

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
 from core.paths import ROOT
 
 # ------------------------------------------------------------------------------ questions.toml
@@ -66,7 +67,7 @@ class Question:
     follow_ups: tuple[str, ...] = field(default=())
 
 
-class BankError(ValueError):
+class BankError(UserError, ValueError):
     """A question bank that breaks the format; the message names the file and the question."""
 
 
@@ -105,7 +106,7 @@ LIST_KEYS = ("pitfalls",)
 SECTION_SECONDS = {"definition": 30, "how_it_works": 60, "pitfalls": 30, "comparison": 60}
 """speaking time each section of brief.toml is written for"""
 
-class BriefTextError(ValueError):
+class BriefTextError(UserError, ValueError):
     """A brief.toml that breaks the format; the message lists every problem."""
 
 
@@ -162,7 +163,7 @@ class PlantedBug:
         return [tuple(c.split(":", 1)) for c in self.caught_by]  # type: ignore[misc]
 
 
-class BugsError(ValueError):
+class BugsError(UserError, ValueError):
     """A bugs.toml that breaks the format or no longer matches the code; the message names the bug."""
 
 

@@ -36,7 +36,7 @@ from core.paths import ROOT
 from core.registry import Module
 
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info",
-                                     "output", "models", "checkpoints", "*.png")
+                                     "output", "checkpoints", "*.png")
 """what the scratch copy leaves out: generated files and environments (the copy is ~3 MB)"""
 CATCHER_TIMEOUT_S = 900
 
@@ -79,7 +79,7 @@ def hunt(module: Module, bug: PlantedBug, upstream: Path | None = None) -> Hunt:
         shutil.copytree(ROOT, tree, ignore=COPY_IGNORE)
         plant(bug, tree)
         if upstream is not None:
-            shutil.copytree(upstream, work, dirs_exist_ok=True)
+            shutil.copytree(upstream, work, dirs_exist_ok=True, symlinks=True)
         shutil.rmtree(work / module.rel_path / "output" / "toy", ignore_errors=True)  # no stale run.json
         work.mkdir(exist_ok=True)
         env = {**os.environ, "FINETUNE_WORKDIR": str(work), "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1",

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.checks import Check
+from core.config import ConfigError, undeclared, validate as validate_config
 from core.contract import BriefTextError, parse_brief_text
 from core.contract import BankError, parse_bank
 from core.contract import BugsError, PlantedBug, parse_bugs
+from core.errors import UserError
 from core.paths import ROOT
 
 SEARCH_ROOTS = ("pre_train", "post_train")
@@ -68,7 +70,7 @@ class BrokenModule:
     error: str
 
 
-class UnknownModule(LookupError):
+class UnknownModule(UserError, LookupError):
     def __init__(self, name: str, known: list[str]):
         self.name, self.known = name, known
         self.suggestions = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
@@ -111,8 +113,17 @@ def validate(module: Any, path: Path) -> list[str]:
     classes = {type(p) for p in module.presets.values()}
     if len(classes) != 1 or not all(dataclasses.is_dataclass(p) for p in module.presets.values()):
         errors.append("presets must all be instances of one dataclass")
-    elif "seed" not in {f.name for f in dataclasses.fields(classes.pop())}:
-        errors.append("the config dataclass needs a `seed: int` field")
+    else:
+        cls = classes.pop()
+        if "seed" not in {f.name for f in dataclasses.fields(cls)}:
+            errors.append("the config dataclass needs a `seed: int` field")
+        if undeclared(cls):
+            errors.append(f"config fields that do not declare their valid values: {', '.join(undeclared(cls))}")
+        for preset_name, preset in module.presets.items():
+            try:
+                validate_config(preset)
+            except ConfigError as exc:
+                errors.append(f"preset {preset_name!r} is not valid: {exc}")
     for check in module.checks:
         for name in filter(None, (check.metric, check.ref)):
             if name not in module.metrics:
@@ -165,7 +176,10 @@ def discover(root: Path = ROOT) -> Registry:
         if manifest is None:
             broken.append(BrokenModule(path, "module.py defines no MODULE"))
             continue
-        errors = validate(manifest, path)
+        try:
+            errors = validate(manifest, path)
+        except Exception:  # e.g. a config annotation that names something never imported
+            errors = ["validation failed:\n" + traceback.format_exc(limit=-3)]
         if not errors and manifest.name in modules:
             errors = [f"name {manifest.name!r} already used by {modules[manifest.name].path}"]
         if errors:

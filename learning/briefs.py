@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import os
 import re
 import shlex
 import tomllib
@@ -26,6 +27,7 @@ from markdown_it import MarkdownIt
 from core.artifacts import atomic_write_text
 from core.config import to_dict
 from core.contract import LANGS, SECTION_SECONDS, Question, parse_brief_text
+from core.errors import UserError
 from core.paths import workdir
 from core.registry import Module, Registry
 from core.run_context import latest_run, read_run_index
@@ -43,8 +45,39 @@ FOLLOW_UP_COUNT = 3
 FORMATS = ("md", "html")
 
 
-class BriefError(ValueError):
+class BriefError(UserError, ValueError):
     """A brief that cannot be made (unknown preset, a run that does not fill the template)."""
+
+
+class OutputError(UserError):
+    """A place the briefs cannot be written to; the message names it and says why."""
+
+
+def check_output(path: Path, folder: bool = False) -> Path:
+    """Raise OutputError unless a file (or, with `folder`, files in a folder) can be written at `path`:
+    checked before anything is rendered, so a typo in --out costs nothing. What is checked: the path
+    is not a folder (a file) or a file (a folder), its nearest existing parent is a folder, and that
+    folder is writable."""
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise OutputError(f"{path}: is {'a file' if folder else 'a folder'}; give the path of a {kind} to write")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{path}: cannot write the {kind} there: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot write the {kind} there: {parent} is not writable")
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """atomic_write_text, with what the file system refuses reported as OutputError naming the file."""
+    try:
+        return atomic_write_text(path, text)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write it: {exc.strerror or exc}"
+                          + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else "")) from None
 
 
 def format_number(value: Any) -> str:
@@ -221,15 +254,17 @@ def _embedded_plots(latest: LatestRun) -> list[dict[str, str]]:
 
 def export_briefs(registry: Registry, out_dir: Path, lang: str, formats: Iterable[str]) -> list[Path]:
     """Every module's brief as <name>.md plus index.md ("md"), and/or one briefs.html ("html").
-    All briefs are rendered before anything is written, so a failing one leaves the folder as it was."""
+    All briefs are rendered before anything is written, so a failing one leaves the folder as it was;
+    a folder that cannot be written is reported (OutputError) before anything is rendered."""
+    check_output(out_dir, folder=True)
     briefs = [brief_for(module, lang) for module in registry.modules.values()]
     written = []
     if "md" in formats:
-        written += [atomic_write_text(out_dir / f"{b.module.name}.md", b.markdown) for b in briefs]
+        written += [write_text(out_dir / f"{b.module.name}.md", b.markdown) for b in briefs]
         index = render_index(briefs, lang, link=lambda name: f"{name}.md")
-        written.append(atomic_write_text(out_dir / "index.md", index))
+        written.append(write_text(out_dir / "index.md", index))
     if "html" in formats:
-        written.append(atomic_write_text(out_dir / "briefs.html", render_html(briefs, lang)))
+        written.append(write_text(out_dir / "briefs.html", render_html(briefs, lang)))
     return written
 
 

@@ -22,6 +22,11 @@ How a key point is matched (the rule the tests pin down):
 score = hits / key points; the suggested FSRS rating is Again below 1/3, Hard below 2/3, Good below 0.9
 and Easy from 0.9 up. The cut points are exact thirds, not 0.34/0.67, so that 2 of 3 key points is Good
 (with 0.67 a three-point question could never be Good). An empty answer scores 0.
+
+An answer longer than MAX_ANSWER_CHARS is refused (AnswerTooLong): a spoken interview answer is a
+few hundred words, and the cap keeps grading well under a second. Grading time is linear in the
+answer's length: each unit's spellings are compared with the answer's distinct words once, and
+only the places where a spelling's first word matches are looked at further.
 """
 from __future__ import annotations
 
@@ -33,11 +38,16 @@ import tomllib
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 from fsrs import Rating
 
+from core.errors import UserError
+
 SYNONYMS_PATH = Path(__file__).resolve().parent / "synonyms.toml"
+
+MAX_ANSWER_CHARS = 20_000
+"""the longest answer graded: about 3 000 words, 20 minutes of speech; a two-minute answer is ~300 words"""
 
 # lower score bound of each suggested rating, checked from the top
 RATING_THRESHOLDS = ((0.9, Rating.Easy), (2 / 3, Rating.Good), (1 / 3, Rating.Hard), (0.0, Rating.Again))
@@ -57,11 +67,20 @@ _SCRIPT_RUN = re.compile(rf"[{_CJK}{_GREEK}]|[^\W_{_CJK}{_GREEK}]+")
 _CJK_CHAR = re.compile(rf"[{_CJK}]")
 
 
-class SynonymError(ValueError):
+class SynonymError(UserError, ValueError):
     """The synonyms file breaks its format; the message names the file and the spelling."""
 
 
-@dataclass(frozen=True)
+class AnswerTooLong(UserError, ValueError):
+    """An answer longer than MAX_ANSWER_CHARS."""
+
+    def __init__(self, length: int):
+        self.length = length
+        super().__init__(f"the answer is {length:,} characters long; answers are graded up to "
+                         f"{MAX_ANSWER_CHARS:,} characters (a spoken interview answer is far shorter)")
+
+
+@dataclass(frozen=True, slots=True)  # slots: a long answer makes many of them
 class Token:
     text: str
     start: int
@@ -108,18 +127,21 @@ def _stem(word: str) -> str:
     return word[:-1] if len(word) >= 4 and word.endswith("s") and not word.endswith("ss") else word
 
 
-def tokenize(text: str) -> list[Token]:
-    """Normalised tokens with their offsets in `text` (see the module docstring, step 1)."""
-    tokens = []
+def _scan(text: str) -> Iterator[tuple[str, int, int]]:
+    """(normalised token, start, end) of each token of `text` (see the module docstring, step 1)."""
     for match in _TOKEN.finditer(text):
         word = unicodedata.normalize("NFKC", match.group()).lower()
         if "." in word or len(word) != len(match.group()):  # a decimal, or NFKC expanded a ligature
-            tokens.append(Token(word, match.start(), match.end()))
+            yield word, match.start(), match.end()
             continue
         for piece in _SCRIPT_RUN.finditer(word):
             norm = GREEK_NAMES.get(piece.group(), piece.group())
-            tokens.append(Token(norm, match.start() + piece.start(), match.start() + piece.end()))
-    return tokens
+            yield norm, match.start() + piece.start(), match.start() + piece.end()
+
+
+def tokenize(text: str) -> list[Token]:
+    """Normalised tokens with their offsets in `text` (see the module docstring, step 1)."""
+    return [Token(*found) for found in _scan(text)]
 
 
 def _spelling(text: str) -> tuple[str, ...]:
@@ -131,11 +153,16 @@ def words_match(expected: str, typed: str) -> bool:
     """Fuzzy equality of two normalised tokens; tolerance grows with the word's length (step 3)."""
     if _stem(expected) == _stem(typed):
         return True
-    if len(expected) <= 3 or any(c.isdigit() for c in expected + typed):
-        return False
-    if abs(len(expected) - len(typed)) > (1 if len(expected) < 9 else 2):
+    if len(expected) <= 3 or abs(len(expected) - len(typed)) > (1 if len(expected) < 9 else 2):
+        return False  # the length test first: it is O(1), the digit scan below is not
+    if any(map(str.isdigit, expected + typed)):
         return False
     threshold = 0.75 if len(expected) <= 5 else 0.8
+    # difflib's ratio is 2.0 * matched / total, and it never matches more characters than the two words
+    # share: a pair whose shared characters cannot reach the threshold skips the (costly) matcher
+    shared = sum(min(expected.count(c), typed.count(c)) for c in set(expected))
+    if 2.0 * shared / (len(expected) + len(typed)) < threshold:
+        return False
     return difflib.SequenceMatcher(None, expected, typed).ratio() >= threshold
 
 
@@ -211,14 +238,64 @@ def key_point_units(key_point: str, synonyms: Synonyms) -> list[Unit]:
     return list(dict.fromkeys(units))
 
 
-def _occurrences(unit: Unit, answer: Sequence[Token]) -> list[tuple[int, int]]:
+MAX_LENGTH_GAP = 2
+"""words_match never pairs words whose lengths differ by more (a plural 's' is 1, a typo up to 2)"""
+
+
+class AnswerIndex:
+    """An answer's tokens, indexed once per graded answer: each distinct word with its places, the
+    distinct words by length. A spelling's first word is compared with each distinct word of about
+    its length once (not with every token), so grading time grows with the answer's length, not with
+    length x spellings x the cost of a fuzzy match. Tokens are kept as plain lists, not Token objects:
+    a long answer would otherwise make the garbage collector's passes grow with it."""
+
+    def __init__(self, tokens: Iterable[tuple[str, int, int]]):
+        """tokens: (normalised token, start, end), as _scan gives them; see of_text and of_tokens."""
+        self.words: list[str] = []
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.places: dict[str, list[int]] = {}
+        for i, (word, start, end) in enumerate(tokens):
+            self.words.append(word)
+            self.starts.append(start)
+            self.ends.append(end)
+            self.places.setdefault(word, []).append(i)
+        self.by_length: dict[int, list[str]] = {}
+        for word in self.places:
+            self.by_length.setdefault(len(word), []).append(word)
+
+    @classmethod
+    def of_text(cls, text: str) -> AnswerIndex:
+        return cls(_scan(text))
+
+    @classmethod
+    def of_tokens(cls, tokens: Sequence[Token]) -> AnswerIndex:
+        return cls((t.text, t.start, t.end) for t in tokens)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def candidates(self, word: str) -> Iterator[str]:
+        """The distinct words that words_match(word, ...) could accept, judged by length alone (a
+        word of up to 3 characters matches only itself and its plural)."""
+        if len(word) <= 3:
+            yield from (w for w in (word, word + "s") if w in self.places)
+            return
+        for n in range(len(word) - MAX_LENGTH_GAP, len(word) + MAX_LENGTH_GAP + 1):
+            yield from self.by_length.get(n, ())
+
+
+def _occurrences(unit: Unit, answer: AnswerIndex) -> list[tuple[int, int]]:
     """(first, last) token indices of every place the unit occurs in the answer."""
     found = []
+    words = answer.words
     for spelling in unit.spellings:
-        n = len(spelling)
-        for i in range(len(answer) - n + 1):
-            if all(words_match(w, answer[i + k].text) for k, w in enumerate(spelling)):
-                found.append((i, i + n - 1))
+        n, rest = len(spelling), list(enumerate(spelling[1:], 1))
+        for typed in answer.candidates(spelling[0]):
+            if not words_match(spelling[0], typed):
+                continue
+            found += [(i, i + n - 1) for i in answer.places[typed]
+                      if i + n <= len(words) and all(words_match(w, words[i + k]) for k, w in rest)]
     return found
 
 
@@ -226,8 +303,10 @@ def required_units(n: int) -> int:
     return n if n <= 2 else math.ceil(2 * n / 3)
 
 
-def match_key_point(key_point: str, answer: Sequence[Token], synonyms: Synonyms) -> tuple[int, int] | None:
+def match_key_point(key_point: str, answer: Sequence[Token] | AnswerIndex,
+                    synonyms: Synonyms) -> tuple[int, int] | None:
     """Token span (first, last) of the answer that covers the key point, or None (step 4)."""
+    answer = answer if isinstance(answer, AnswerIndex) else AnswerIndex.of_tokens(answer)
     units = key_point_units(key_point, synonyms)
     if not units:
         return None
@@ -257,15 +336,23 @@ def suggested_rating(score: float) -> Rating:
     return next(rating for bound, rating in RATING_THRESHOLDS if score >= bound)
 
 
+def check_length(answer: str) -> None:
+    """Raise AnswerTooLong for an answer over MAX_ANSWER_CHARS."""
+    if len(answer) > MAX_ANSWER_CHARS:
+        raise AnswerTooLong(len(answer))
+
+
 def grade(answer: str, key_points: Sequence[str], synonyms: Synonyms | None = None) -> Grade:
+    """Grade `answer` against `key_points`; AnswerTooLong beyond MAX_ANSWER_CHARS."""
+    check_length(answer)
     synonyms = synonyms or default_synonyms()
-    tokens = tokenize(answer)
+    index = AnswerIndex.of_text(answer)
     hits, misses = [], []
     for key_point in key_points:
-        span = match_key_point(key_point, tokens, synonyms) if tokens else None
+        span = match_key_point(key_point, index, synonyms) if len(index) else None
         if span is None:
             misses.append(key_point)
         else:
-            hits.append(Hit(key_point, answer[tokens[span[0]].start:tokens[span[1]].end]))
+            hits.append(Hit(key_point, answer[index.starts[span[0]]:index.ends[span[1]]]))
     score = len(hits) / len(key_points) if key_points else 0.0
     return Grade(tuple(hits), tuple(misses), score, suggested_rating(score))

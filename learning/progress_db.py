@@ -11,6 +11,15 @@ Card ids are the question ids, which are stable by contract (DESIGN.md), so rewo
 keeps its history. Every review is committed on its own, so an interrupted session keeps every answer
 already given. A file that is not this app's database (another SQLite file, a corrupt or non-SQLite
 file) raises `ProgressDBError` naming it, and is opened read-only until then so it is never modified.
+A database that cannot be written (a read-only file or folder, a full disk) raises it too, on the
+first write.
+
+Rows are validated as they are read: a card or review whose values break the schema above (FSRS
+JSON that does not parse, a level that is not a question level, a rating outside 1..4, a time that
+is not a timezone-aware ISO 8601 string, ...) is reported once, in one warning line naming the
+table and the card id or row id, and left out; everything else still works. Answering that question
+again replaces its bad card row. Cards of questions no longer in the bank (a renamed or removed
+question or module) are not bad rows: they are kept, and simply no longer count.
 
 Mastery of (module, level) = the fraction of the bank's questions at that level whose card's last
 rating was Good or Easy and whose FSRS state is Review, i.e. recalled well after leaving the
@@ -24,18 +33,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
+import sys
 import uuid
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import fsrs
 
-from core.contract import Question
+from core.contract import LEVELS, Question
+from core.errors import UserError
 from core.paths import workdir
 from learning.grader import Grade
 
@@ -75,8 +88,25 @@ CREATE INDEX reviews_by_card ON reviews(card_id);
 """
 
 
-class ProgressDBError(RuntimeError):
-    """The file is not a readable progress database of this app; the message names the file."""
+TABLE_COLUMNS = {
+    "meta": {"key", "value"},
+    "cards": {"card_id", "module", "level", "fsrs", "last_rating"},
+    "sessions": {"id", "started_at", "ended_at", "mode", "questions_asked"},
+    "reviews": {"id", "card_id", "session_id", "reviewed_at", "rating", "score", "hits", "misses", "answer"},
+}
+"""what the code reads: a file with the app marker that lacks one of these is damaged"""
+
+
+class ProgressDBError(UserError):
+    """The file is not a readable (or writable) progress database of this app; the message names the file."""
+
+
+class BadRow(ValueError):
+    """A row whose values break the schema; the message says which value and why."""
+
+
+def warn_on_stderr(message: str) -> None:
+    print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def default_path() -> Path:
@@ -110,14 +140,22 @@ def _iso(moment: datetime) -> str:
 class ProgressDB:
     """`with ProgressDB(path) as db: ...`; `path=None` means the default under the work dir."""
 
-    def __init__(self, path: str | Path | None = None, scheduler: fsrs.Scheduler | None = None):
+    def __init__(self, path: str | Path | None = None, scheduler: fsrs.Scheduler | None = None,
+                 on_bad_row: Callable[[str], None] = warn_on_stderr):
+        """`on_bad_row(message)` hears of each bad row once (default: a warning line on stderr)."""
         self.path = Path(path) if path is not None else default_path()
         self.scheduler = scheduler or fsrs.Scheduler()
+        self.on_bad_row = on_bad_row
+        self.bad_rows: dict[tuple[str, str], str] = {}
+        """(table, card id or row id) -> why it was left out, for every bad row met so far"""
         if not self.path.exists():
             _create(self.path)
         _verify(self.path)
-        self.conn = sqlite3.connect(self.path)
-        self.conn.execute("PRAGMA foreign_keys = ON")
+        try:
+            self.conn = sqlite3.connect(self.path)
+            self.conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise ProgressDBError(f"{self.path}: cannot open it ({exc})") from None
 
     def __enter__(self) -> ProgressDB:
         return self
@@ -128,25 +166,49 @@ class ProgressDB:
     def close(self) -> None:
         self.conn.close()
 
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; a database that refuses the write (read-only, disk full) is bad input."""
+        try:
+            with self.conn:
+                yield self.conn
+        except sqlite3.OperationalError as exc:
+            raise ProgressDBError(f"{self.path}: cannot write to it ({exc}); check that the file and its folder "
+                                  f"are writable and the disk has space, or pass --db with another path.") from None
+
+    def _bad(self, table: str, key: str, why: str) -> None:
+        if (table, key) not in self.bad_rows:
+            self.bad_rows[table, key] = why
+            self.on_bad_row(f"{self.path}: skipped a bad row of table {table} ({key}): {why}")
+
     # --- sessions and reviews ------------------------------------------------------------------------
 
     def start_session(self, mode: str, now: datetime) -> int:
-        with self.conn:
-            cur = self.conn.execute("INSERT INTO sessions (started_at, mode) VALUES (?, ?)", (_iso(now), mode))
+        with self._writing() as conn:
+            cur = conn.execute("INSERT INTO sessions (started_at, mode) VALUES (?, ?)", (_iso(now), mode))
         return cur.lastrowid
 
     def end_session(self, session_id: int, now: datetime) -> None:
-        with self.conn:
-            self.conn.execute("UPDATE sessions SET ended_at = ? WHERE id = ?", (_iso(now), session_id))
+        with self._writing() as conn:
+            conn.execute("UPDATE sessions SET ended_at = ? WHERE id = ?", (_iso(now), session_id))
+
+    def _valid_cards(self, rows: Iterable[tuple]) -> Iterator[CardRow]:
+        for row in rows:
+            try:
+                yield _card_row(row)
+            except BadRow as exc:
+                self._bad("cards", f"card_id {row[0]!r}", str(exc))
 
     def card(self, card_id: str) -> CardRow | None:
-        row = self.conn.execute("SELECT card_id, module, level, fsrs, last_rating FROM cards WHERE card_id = ?",
-                                (card_id,)).fetchone()
-        return _card_row(row) if row else None
+        """The card, or None when it was never drilled or its row is bad (reported)."""
+        rows = self.conn.execute("SELECT card_id, module, level, fsrs, last_rating FROM cards WHERE card_id = ?",
+                                 (card_id,)).fetchall()
+        return next(self._valid_cards(rows), None)
 
     def cards(self) -> dict[str, CardRow]:
+        """Every valid card by id; bad rows are reported and left out."""
         rows = self.conn.execute("SELECT card_id, module, level, fsrs, last_rating FROM cards ORDER BY card_id")
-        return {row[0]: _card_row(row) for row in rows}
+        return {row.card_id: row for row in self._valid_cards(rows)}
 
     def record_review(self, question: Question, rating: fsrs.Rating, grade: Grade, answer: str,
                       session_id: int | None, now: datetime) -> fsrs.Card:
@@ -156,7 +218,7 @@ class ProgressDB:
         card = existing.card if existing else fsrs.Card(card_id=_fsrs_card_id(question.id), due=now)
         card, _ = self.scheduler.review_card(card, rating, review_datetime=now)
         hits = [{"key_point": h.key_point, "span": h.span} for h in grade.hits]
-        with self.conn:  # one transaction: the card, its review and the session count land together
+        with self._writing():  # one transaction: the card, its review and the session count land together
             self.conn.execute(
                 "INSERT INTO cards (card_id, module, level, fsrs, last_rating) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(card_id) DO UPDATE SET module = excluded.module, level = excluded.level, "
@@ -173,12 +235,17 @@ class ProgressDB:
         return card
 
     def reviews(self, card_id: str | None = None) -> list[dict]:
-        query = "SELECT card_id, session_id, reviewed_at, rating, score, hits, misses, answer FROM reviews"
+        """Every valid review in the order they were made; bad rows are reported and left out."""
+        query = "SELECT id, card_id, session_id, reviewed_at, rating, score, hits, misses, answer FROM reviews"
         rows = self.conn.execute(query + (" WHERE card_id = ?" if card_id else "") + " ORDER BY id",
                                  (card_id,) if card_id else ())
-        return [{"card_id": r[0], "session_id": r[1], "reviewed_at": datetime.fromisoformat(r[2]),
-                 "rating": fsrs.Rating(r[3]), "score": r[4], "hits": json.loads(r[5]),
-                 "misses": json.loads(r[6]), "answer": r[7]} for r in rows]
+        reviews = []
+        for row in rows:
+            try:
+                reviews.append(_review_row(row))
+            except BadRow as exc:
+                self._bad("reviews", f"row id {row[0]}, card_id {row[1]!r}", str(exc))
+        return reviews
 
     def sessions(self) -> list[dict]:
         rows = self.conn.execute("SELECT id, started_at, ended_at, mode, questions_asked FROM sessions ORDER BY id")
@@ -216,8 +283,7 @@ class ProgressDB:
     def streak(self, today: date) -> int:
         """Consecutive days, in local time, with at least one review, ending today, or yesterday while
         today has none yet (the streak is not broken before the day is over)."""
-        days = {datetime.fromisoformat(r[0]).astimezone().date()
-                for r in self.conn.execute("SELECT reviewed_at FROM reviews")}
+        days = {r["reviewed_at"].astimezone().date() for r in self.reviews()}
         day = today if today in days else today - timedelta(days=1)
         count = 0
         while day in days:
@@ -226,34 +292,111 @@ class ProgressDB:
         return count
 
     def stats(self) -> dict:
-        """Totals over the whole history: cards, reviews, sessions, ratings, mean score, first/last review."""
-        reviews, mean_score, first, last = self.conn.execute(
-            "SELECT COUNT(*), AVG(score), MIN(reviewed_at), MAX(reviewed_at) FROM reviews").fetchone()
-        ratings = dict(self.conn.execute("SELECT rating, COUNT(*) FROM reviews GROUP BY rating").fetchall())
+        """Totals over the whole history (valid rows only): cards, reviews, sessions, ratings, mean score,
+        first/last review (ISO 8601, UTC)."""
+        reviews = self.reviews()
+        times = [r["reviewed_at"] for r in reviews]
+        ratings = Counter(r["rating"] for r in reviews)
         states = Counter(row.card.state.name for row in self.cards().values())
         return {
             "cards": sum(states.values()),
             "cards_by_state": dict(states),
-            "reviews": reviews,
-            "reviews_by_rating": {r.name: ratings.get(int(r), 0) for r in fsrs.Rating},
-            "mean_score": mean_score,
+            "reviews": len(reviews),
+            "reviews_by_rating": {r.name: ratings[r] for r in fsrs.Rating},
+            "mean_score": sum(r["score"] for r in reviews) / len(reviews) if reviews else None,
             "sessions": self.conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0],
-            "first_review": first,
-            "last_review": last,
+            "first_review": _iso(min(times)) if times else None,
+            "last_review": _iso(max(times)) if times else None,
         }
+
+
+# --- reading rows: each value checked, a bad one named -------------------------------------------------
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise BadRow(f"{name} must be non-empty text, got {value!r}")
+    return value
+
+
+def _rating(value: Any, name: str) -> fsrs.Rating:
+    if type(value) is not int or value not in {int(r) for r in fsrs.Rating}:
+        raise BadRow(f"{name} must be a rating 1..4 ({', '.join(r.name for r in fsrs.Rating)}), got {value!r}")
+    return fsrs.Rating(value)
+
+
+def _moment(value: Any, name: str) -> datetime:
+    """A timezone-aware ISO 8601 time (fsrs compares them with aware times)."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise BadRow(f"{name} must be an ISO 8601 time, got {value!r}") from None
+    if moment.tzinfo is None:
+        raise BadRow(f"{name} {value!r} has no time zone")
+    return moment
+
+
+def _json_list(value: Any, name: str) -> list:
+    try:
+        parsed = json.loads(value)
+    except (TypeError, ValueError):
+        raise BadRow(f"{name} is not valid JSON: {value!r:.60}") from None
+    if not isinstance(parsed, list):
+        raise BadRow(f"{name} must be a JSON list, got {type(parsed).__name__}")
+    return parsed
+
+
+def _fsrs_card(value: Any) -> fsrs.Card:
+    try:
+        raw = json.loads(value)
+    except (TypeError, ValueError):
+        raise BadRow(f"fsrs is not valid JSON: {value!r:.60}") from None
+    if not isinstance(raw, dict):
+        raise BadRow(f"fsrs must be a JSON object, got {type(raw).__name__}")
+    try:
+        card = fsrs.Card.from_dict(raw)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise BadRow(f"fsrs is not an FSRS card ({type(exc).__name__}: {exc})") from None
+    for name in ("due", "last_review"):
+        moment = getattr(card, name)
+        if moment is not None and moment.tzinfo is None:
+            raise BadRow(f"fsrs {name} {moment.isoformat()!r} has no time zone")
+    if not all(x is None or math.isfinite(x) for x in (card.stability, card.difficulty)):
+        raise BadRow(f"fsrs stability and difficulty must be finite, got {card.stability}, {card.difficulty}")
+    if card.step is not None and type(card.step) is not int:
+        raise BadRow(f"fsrs step must be an integer or null, got {card.step!r}")
+    return card
 
 
 def _card_row(row: tuple) -> CardRow:
     card_id, module, level, card_json, last_rating = row
-    return CardRow(card_id, module, level, fsrs.Card.from_dict(json.loads(card_json)), fsrs.Rating(last_rating))
+    if type(level) is not int or level not in LEVELS:
+        raise BadRow(f"level must be a question level ({', '.join(map(str, LEVELS))}), got {level!r}")
+    return CardRow(_text(card_id, "card_id"), _text(module, "module"), level, _fsrs_card(card_json),
+                   _rating(last_rating, "last_rating"))
+
+
+def _review_row(row: tuple) -> dict:
+    _, card_id, session_id, reviewed_at, rating, score, hits, misses, answer = row
+    if session_id is not None and type(session_id) is not int:
+        raise BadRow(f"session_id must be a session id or null, got {session_id!r}")
+    if type(score) not in (int, float) or not 0 <= score <= 1:
+        raise BadRow(f"score must be a number in [0, 1], got {score!r}")
+    if not isinstance(answer, str):
+        raise BadRow(f"answer must be text, got {type(answer).__name__}")
+    return {"card_id": _text(card_id, "card_id"), "session_id": session_id,
+            "reviewed_at": _moment(reviewed_at, "reviewed_at"), "rating": _rating(rating, "rating"),
+            "score": score, "hits": _json_list(hits, "hits"), "misses": _json_list(misses, "misses"),
+            "answer": answer}
 
 
 def _create(path: Path) -> None:
     """Build the empty database beside `path` and link it into place: a crash mid-way leaves no
-    half-made file, and a file another process created meanwhile is never replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    half-made file, and a file another process created meanwhile is never replaced. A place where no
+    database can be made (a file where a folder should be, a read-only folder, a full disk) raises
+    ProgressDBError naming it."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(tmp)
         try:
             conn.executescript(SCHEMA)
@@ -266,8 +409,16 @@ def _create(path: Path) -> None:
             os.link(tmp, path)
         except FileExistsError:
             pass  # created concurrently; _verify judges it
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        raise ProgressDBError(f"{path}: cannot create the progress database there: {reason}{where}. "
+                              f"Pass --db with another path.") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # its folder never existed
 
 
 def _verify(path: Path) -> None:
@@ -286,6 +437,7 @@ def _verify(path: Path) -> None:
             integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
+            columns = {table: {r[1] for r in conn.execute(f"PRAGMA table_info({table})")} for table in TABLE_COLUMNS}
         finally:
             conn.close()
     except sqlite3.Error as exc:
@@ -300,3 +452,10 @@ def _verify(path: Path) -> None:
     if version != str(SCHEMA_VERSION):
         raise ProgressDBError(f"{path}: progress database schema version {version}, this code reads "
                               f"version {SCHEMA_VERSION}; it was left untouched.")
+    missing = []
+    for table, wanted in TABLE_COLUMNS.items():
+        missing += [f"table {table}"] if not columns[table] else [f"column {table}.{c}"
+                                                                  for c in sorted(wanted - columns[table])]
+    if missing:
+        raise ProgressDBError(f"{path}: the progress database is damaged: it lacks {', '.join(missing)}; "
+                              f"it was left untouched. Move it away or pass --db with another path.")

@@ -38,6 +38,7 @@ What counts as done (`evaluate`):
 from __future__ import annotations
 
 import re
+import sys
 import tomllib
 from collections import Counter
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from rich.table import Table
 from core.artifacts import CorruptArtifact, read_json
 from core.contract import LEVELS as QUESTION_LEVELS
 from core.contract import BankError
+from core.errors import UserError
 from core.paths import ROOT
 from core.registry import Registry, UnknownModule
 from core.run_context import read_run_index
@@ -73,12 +75,13 @@ SMOKE_PRESET = "toy"
 DAILY_REVIEW_COMMAND = "python scripts/interview_qa.py --due"
 
 
-class RoadmapError(ValueError):
+class RoadmapError(UserError, ValueError):
     """A data file that breaks its format or names something that does not exist."""
 
 
 PROGRESS_ERRORS = (RoadmapError, ProgressDBError, BankError, CorruptArtifact)
-"""what progress_report raises on bad data: reported with exit status 2"""
+"""what progress_report raises on bad data: reported with exit status 2 (all of them are UserErrors,
+which core.cli.guard maps to 2; the tuple stays for callers that catch them by name)"""
 
 
 @dataclass(frozen=True)
@@ -421,8 +424,9 @@ class Evidence:
     """(local date, question level) of every review of a question in the current bank"""
     mastery: dict[str, dict[int, float]]
     streak: int
-    smoke: dict[str, Any] | None
-    """the latest smoke report, if any"""
+    smoke: Any
+    """the latest smoke report (as read: smoke_item checks it against the schema), None if there is
+    none, or SmokeUnreadable when latest.json cannot be read"""
 
     @property
     def today(self) -> date:
@@ -431,6 +435,25 @@ class Evidence:
     @property
     def review_days(self) -> set[date]:
         return {day for day, _ in self.reviews}
+
+
+@dataclass(frozen=True)
+class SmokeUnreadable:
+    reason: str
+
+
+def read_latest_smoke() -> Any:
+    """The latest smoke report, None without one, SmokeUnreadable (reported on stderr in one line)
+    when latest.json cannot be read: a corrupt report fails the smoke item, not the whole report."""
+    path = smoke.reports_dir() / smoke.LATEST
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except (CorruptArtifact, OSError) as exc:
+        reason = str(exc) if isinstance(exc, CorruptArtifact) else f"{path}: {exc.strerror or exc}"
+        print(f"warning: {' '.join(reason.split())}; the smoke item counts as not done", file=sys.stderr, flush=True)
+        return SmokeUnreadable(reason)
 
 
 def _local_date(iso_or_dt: str | datetime) -> date:
@@ -456,9 +479,8 @@ def gather_evidence(registry: Registry, db_path: Path | None, now: datetime) -> 
                        if r["card_id"] in place]
             mastery = db.mastery(questions)
             streak = db.streak(now.astimezone().date())
-    latest_smoke = smoke.reports_dir() / smoke.LATEST
     return Evidence(now=now, runs=read_run_index(), drilled=drilled, bank=bank, reviews=reviews, mastery=mastery,
-                    streak=streak, smoke=read_json(latest_smoke) if latest_smoke.exists() else None)
+                    streak=streak, smoke=read_latest_smoke())
 
 
 def roadmap_start(evidence: Evidence, start: date | None) -> tuple[date, str]:
@@ -517,6 +539,8 @@ def smoke_item(evidence: Evidence) -> tuple[bool, str]:
     report = evidence.smoke
     if report is None:
         return False, "no smoke report yet"
+    if isinstance(report, SmokeUnreadable):
+        return False, f"the latest smoke report cannot be read ({report.reason}); run the smoke test again"
     if smoke.validate_report(report):
         return False, "the latest smoke report does not match the report schema; run the smoke test again"
     summary = report["summary"]

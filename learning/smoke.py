@@ -82,6 +82,7 @@ from typing import Any, Callable
 
 from core.artifacts import CorruptArtifact, read_json, write_json
 from core.checks import is_number
+from core.errors import UserError
 from core.paths import ROOT, workdir
 from core.registry import BrokenModule, Module
 from core.run_context import git_state, versions
@@ -91,6 +92,10 @@ STATUSES = ("PASS", "CHECK_FAILED", "FAIL", "TIMEOUT")
 REGRESSION_KINDS = ("status", "check", "metric", "slowdown", "missing")
 TAIL_LINES = 40
 LATEST = "latest.json"
+
+
+class SmokeError(UserError, ValueError):
+    """A smoke session that cannot run as asked (no module selected, a preset a module lacks)."""
 
 
 def reports_dir() -> Path:
@@ -273,7 +278,11 @@ def _relative(path: Path) -> Path:
 
 
 def write_report(report: dict[str, Any]) -> Path:
-    """Write smoke_<UTC time>.json and latest.json (both atomically); returns the first."""
+    """Write smoke_<UTC time>.json and latest.json (both atomically); returns the first. A report of
+    zero modules is refused (SmokeError): as latest.json it would leave the next session no baseline."""
+    if not report["modules"]:
+        raise SmokeError("a smoke report that covers no module is not written (it would replace "
+                         f"{LATEST}, the next session's baseline)")
     folder = reports_dir()
     created = datetime.fromisoformat(report["created_at"])
     stem = f"smoke_{created:%Y%m%dT%H%M%SZ}"

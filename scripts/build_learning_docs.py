@@ -8,11 +8,12 @@ and learning/levels.toml (templates: learning/templates/roadmap.md.j2, checkpoin
 Every module, preset, README section and question level the data names must resolve against the
 registry and the question banks; otherwise nothing is written. Modules no roadmap day names yet are
 listed as a reminder (the roadmap grows as modules are added).
-Exit status: 0 written (or up to date), 1 --check found a stale file, 2 a reference does not resolve.
+Exit status (core/cli.py): 0 written (or up to date), 1 --check found a stale file, 2 a reference does
+not resolve (nothing is written), 3 an internal error (traceback in output/crash/build_learning_docs.log),
+130 interrupted.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,13 +23,19 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 
 from core.artifacts import atomic_write_text  # noqa: E402
-from core.contract import BankError  # noqa: E402
+from core.cli import Parser, crash_log, guard# noqa: E402
+from core.errors import UserError  # noqa: E402
 from core.registry import discover  # noqa: E402
-from learning.roadmap import RoadmapError, load_roadmap, not_on_roadmap, rendered_docs  # noqa: E402
+from learning.roadmap import load_roadmap, not_on_roadmap, rendered_docs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The command; exit status per core/cli.py."""
+    return guard(lambda: build(argv), crash_log=crash_log("build_learning_docs"))
+
+
+def build(argv: list[str] | None) -> int:
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed files; write nothing")
     args = parser.parse_args(argv)
     err = Console(stderr=True)
@@ -36,9 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     registry = discover()
     try:
         docs = rendered_docs(registry)
-    except (RoadmapError, BankError) as exc:
-        err.print(f"[red]error:[/] {exc}\nnothing was written.", highlight=False, soft_wrap=True)
-        return 2
+    except UserError as exc:  # RoadmapError, BankError: a reference that does not resolve
+        raise UserError(f"{exc}; nothing was written") from None
     missing = not_on_roadmap(load_roadmap(), registry)
     if missing:
         err.print(f"[yellow]on no roadmap day yet:[/] {', '.join(missing)} (add them to learning/roadmap.toml)",

@@ -11,11 +11,12 @@ Two kinds of section, each between `<!-- BEGIN name ... -->` and `<!-- END name 
   (assets/results/*.json, core/results.py) by the Jinja template assets/results/templates/NAME.md.j2,
   where `r.ppo.default.metrics.steps_to_475` is a recorded figure and `r.cql["default@seed1"]` a
   recorded extra seed. Refresh a record (scripts/record_results.py) and this rewrites the figures.
-Exit status: 0 written (or up to date), 1 --check found a stale README, 2 a template does not render.
+Exit status (core/cli.py): 0 written (or up to date), 1 --check found a stale README, 2 a template
+does not render (or a README, template or record cannot be read), 3 an internal error (traceback in
+output/crash/build_module_docs.log), 130 interrupted.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.artifacts import atomic_write_text  # noqa: E402
+from core.cli import Parser, crash_log, guard# noqa: E402
+from core.errors import UserError  # noqa: E402
 from core.planted_bugs import render_section  # noqa: E402
 from core.registry import Module, discover  # noqa: E402
 from core.results import RESULTS_DIR, load_record  # noqa: E402
@@ -66,7 +69,12 @@ def rendered(path: Path, module: Module | None, records: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The command; exit status per core/cli.py."""
+    return guard(lambda: build(argv), crash_log=crash_log("build_module_docs"))
+
+
+def build(argv: list[str] | None) -> int:
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed READMEs; write nothing")
     args = parser.parse_args(argv)
     registry = discover()
@@ -77,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             text = rendered(path, module, records)
         except (jinja2.TemplateError, OSError) as exc:
-            print(f"error: {path.relative_to(ROOT)}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 2
+            raise UserError(f"{path.relative_to(ROOT)}: {type(exc).__name__}: {exc}") from None
         if path.read_text(encoding="utf-8") == text:
             continue
         stale.append(path.relative_to(ROOT))

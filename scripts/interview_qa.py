@@ -18,10 +18,16 @@ Answers file (TOML, or JSON with the same shape when the name ends in .json), in
     answer = "delta_t = r_t + gamma V(s_{t+1}) - V(s_t) ..."          # the suggested grade
     rating = "Good"                                                   # Again | Hard | Good | Easy
 
-Progress lives in output/progress.db under the work dir (--db PATH to move it). Exit status: 0 done
-(an interrupted session included), 2 bad input: unknown module or question id, an unreadable answers
-file, no terminal without --answers-file, or a --db file that is not a Finetune progress database
-(reported, never modified).
+An answer may be up to 20 000 characters (learning.grader.MAX_ANSWER_CHARS; a spoken answer is a few
+hundred words): a longer one in an answers file is bad input, a longer typed one is asked again.
+
+Progress lives in output/progress.db under the work dir (--db PATH to move it). A bad row in it (say,
+a card whose FSRS data does not parse) is reported in one warning line and left out; the rest works.
+Exit status (core/cli.py): 0 done (an interrupted session included), 2 bad input: unknown module or
+question id, an unreadable or empty answers file, an answer over the cap, no terminal without
+--answers-file, or a --db file that is not a Finetune progress database (reported, never modified)
+or cannot be written; 3 an internal error (traceback in output/crash/interview_qa.log); 130
+interrupted outside a session.
 """
 from __future__ import annotations
 
@@ -46,10 +52,12 @@ from rich.markup import escape  # noqa: E402
 from rich.panel import Panel  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from core.contract import LEVELS, BankError, Question  # noqa: E402
-from core.registry import Registry, UnknownModule, discover  # noqa: E402
-from learning.grader import Grade, grade  # noqa: E402
-from learning.progress_db import ProgressDB, ProgressDBError  # noqa: E402
+from core.cli import Parser, crash_log, guard, path_argument# noqa: E402
+from core.contract import LEVELS, Question  # noqa: E402
+from core.errors import UserError  # noqa: E402
+from core.registry import Registry, discover  # noqa: E402
+from learning.grader import MAX_ANSWER_CHARS, AnswerTooLong, Grade, grade  # noqa: E402
+from learning.progress_db import ProgressDB  # noqa: E402
 from learning.questions import all_questions  # noqa: E402
 
 INTERACTIVE_COUNT = 10
@@ -59,8 +67,8 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
-class BadInput(Exception):
-    """Reported on stderr with exit status 2."""
+class BadInput(UserError):
+    """Reported on stderr in one line with exit status 2 (core.cli.guard)."""
 
 
 class EndSession(Exception):
@@ -71,8 +79,9 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Mock interview with graded answers and spaced repetition.")
+    p = Parser(description="Mock interview with graded answers and spaced repetition.")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--module", metavar="NAME", help="questions of one module")
     scope.add_argument("--all", action="store_true", help="questions of every module (the default)")
@@ -80,10 +89,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--level", type=int, choices=sorted(LEVELS), help="only questions of this level")
     p.add_argument("--count", type=int, metavar="K",
                    help=f"ask at most K questions (default {INTERACTIVE_COUNT}; every question of an answers file)")
-    p.add_argument("--answers-file", type=Path, metavar="FILE",
+    p.add_argument("--answers-file", type=path_argument, metavar="FILE",
                    help="non-interactive: question id -> answer (TOML, or .json); see the docstring")
     p.add_argument("--stats", action="store_true", help="mastery per module and level, due counts, streak")
-    p.add_argument("--db", type=Path, metavar="PATH", help="progress database (default: output/progress.db)")
+    p.add_argument("--db", type=path_argument, metavar="PATH", help="progress database (default: output/progress.db)")
     p.add_argument("--seed", type=int, help="seed for the question order (default: a fresh order each time)")
     args = p.parse_args(argv)
     if args.count is not None and args.count < 1:
@@ -105,11 +114,15 @@ class Interactive:
     kind = "interactive"
 
     def answer(self, question: Question) -> str:
-        text = questionary.text("Your answer", multiline=True,
-                                instruction="(Esc then Enter submits; Ctrl-C ends the session)").ask(kbi_msg="")
-        if text is None:
-            raise EndSession
-        return text
+        """The typed answer; one over MAX_ANSWER_CHARS is refused and asked again."""
+        while True:
+            text = questionary.text("Your answer", multiline=True,
+                                    instruction="(Esc then Enter submits; Ctrl-C ends the session)").ask(kbi_msg="")
+            if text is None:
+                raise EndSession
+            if len(text) <= MAX_ANSWER_CHARS:
+                return text
+            err.print(f"[yellow]{escape(str(AnswerTooLong(len(text))))}[/]: shorten it and answer again.")
 
     def rating(self, question: Question, result: Grade) -> fsrs.Rating:
         choice = questionary.select("Your grade", choices=[r.name for r in fsrs.Rating],
@@ -145,6 +158,11 @@ class AnswersFile:
                 answers[qid] = entry
             else:
                 raise BadInput(f"{path}: question {qid!r} needs a string answer or a table with `answer`")
+            if len(answers[qid]) > MAX_ANSWER_CHARS:
+                raise BadInput(f"{path}: question {qid!r}: {AnswerTooLong(len(answers[qid]))}")
+        if not answers:
+            raise BadInput(f"{path}: the answers file is empty: it names no question. Write one line per "
+                           f"question, e.g. mdp-definition = \"An MDP is ...\" (see --help)")
         return cls(answers, ratings)
 
     def answer(self, question: Question) -> str:
@@ -308,33 +326,35 @@ def describe_mode(args: argparse.Namespace, source: AnswerSource) -> str:
 
 
 def load_bank(registry: Registry, module: str | None) -> list[Question]:
-    if module:
-        registry.get(module)  # raises UnknownModule with close matches
+    if module is not None:
+        registry.get(module)  # raises UnknownModule with close matches (an empty name included)
     for broken in registry.broken:
         err.print(f"[yellow]skipping broken module manifest[/] {broken.path}: {escape(broken.error)}")
     return all_questions(registry)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        bank = load_bank(discover(), args.module)
-        source: AnswerSource = AnswersFile.read(args.answers_file) if args.answers_file else Interactive()
-        if not args.stats and isinstance(source, Interactive) and not sys.stdin.isatty():
-            raise BadInput("the interview needs a terminal; without one, pass --answers-file FILE")
-        with ProgressDB(args.db) as db:
-            now = utcnow()
-            if args.stats:
-                show_stats(bank, db, args.module, now)
-                return 0
-            questions = session_questions(bank, args, db, source, now)
-            if not questions:
-                console.print("Nothing to ask with these filters" + (": no question is due now." if args.due else "."))
-                return 0
-            run_session(questions, db, source, describe_mode(args, source), clock=utcnow)
-    except (BadInput, UnknownModule, BankError, ProgressDBError) as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        return 2
+    """The command; exit status per core/cli.py."""
+    return guard(lambda: interview(sys.argv[1:] if argv is None else argv),
+                 crash_log=crash_log("interview_qa"))
+
+
+def interview(argv: list[str]) -> int:
+    args = parse_args(argv)
+    bank = load_bank(discover(), args.module)
+    source: AnswerSource = AnswersFile.read(args.answers_file) if args.answers_file else Interactive()
+    if not args.stats and isinstance(source, Interactive) and not sys.stdin.isatty():
+        raise BadInput("the interview needs a terminal; without one, pass --answers-file FILE")
+    with ProgressDB(args.db) as db:
+        now = utcnow()
+        if args.stats:
+            show_stats(bank, db, args.module, now)
+            return 0
+        questions = session_questions(bank, args, db, source, now)
+        if not questions:
+            console.print("Nothing to ask with these filters" + (": no question is due now." if args.due else "."))
+            return 0
+        run_session(questions, db, source, describe_mode(args, source), clock=utcnow)
     return 0
 
 

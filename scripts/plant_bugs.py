@@ -9,11 +9,12 @@
 The bugs are listed in each module's bugs.toml (what they are and how you would see them: the
 module README's "What goes wrong" section). The checkout is never changed. A chained module (sft,
 grpo, ...) gets its upstream toy runs built once, unmutated, under <work dir>/output/planted_bugs/.
-Exit status: 0 every bug caught by every catcher it names, 1 a survivor, 2 bad input.
+Exit status (core/cli.py): 0 every bug caught by every catcher it names, 1 a survivor, 2 bad input
+(an unknown module or bug, --jobs < 1), 3 an internal error (traceback in output/crash/plant_bugs.log),
+130 interrupted.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -26,30 +27,35 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core.cli import Parser, crash_log, guard# noqa: E402
+from core.errors import UserError  # noqa: E402
 from core.paths import workdir  # noqa: E402
 from core.planted_bugs import build_upstream, hunt_all  # noqa: E402
-from core.registry import UnknownModule, discover  # noqa: E402
+from core.registry import discover  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The command; exit status per core/cli.py."""
+    return guard(lambda: plant(argv), crash_log=crash_log("plant_bugs"))
+
+
+def plant(argv: list[str] | None) -> int:
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--module", action="append", default=[], help="module name (repeatable; default: all)")
     parser.add_argument("--bug", action="append", default=[], help="bug id (repeatable; default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="bugs hunted side by side")
     args = parser.parse_args(argv)
-    console, err = Console(), Console(stderr=True)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    console = Console()
 
     registry = discover()
-    try:
-        modules = [registry.get(name) for name in args.module] or list(registry.modules.values())
-    except UnknownModule as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}")
-        return 2
+    modules = [registry.get(name) for name in args.module] or list(registry.modules.values())
     jobs = [(m, b) for m in modules for b in m.bugs if not args.bug or b.id in args.bug]
     unknown = set(args.bug) - {b.id for _, b in jobs}
     if unknown or not jobs:
-        err.print(f"[red]error:[/] no such bug in {', '.join(m.name for m in modules)}: {', '.join(sorted(unknown))}")
-        return 2
+        raise UserError(f"no such bug in {', '.join(m.name for m in modules) or 'any module'}: "
+                        f"{', '.join(sorted(unknown)) or '(no bug selected)'}")
 
     upstream_root = workdir() / "output" / "planted_bugs" / "upstream"
     upstream = {m.name: build_upstream(m, upstream_root) for m in {m.name: m for m, _ in jobs}.values()}

@@ -9,9 +9,11 @@ your run index (output/run_index.json), drill history (output/progress.db) and l
     python scripts/progress.py --json               # the whole report as JSON
 
 Day 1 is the date of your first drill review or your earliest run still in the run index, whichever
-is earlier (the headline says which); --start overrides it. Nothing is written.
-Exit status: 0 shown, 2 bad input (unknown day or module, a bad date, a --db file that is not a
-Finetune progress database, a roadmap that names something that does not exist).
+is earlier (the headline says which); --start overrides it. Nothing is written. A bad row in the
+progress database is reported in one warning line and left out.
+Exit status (core/cli.py): 0 shown, 2 bad input (unknown day or module, a bad date, a --db file that
+is not a Finetune progress database, a roadmap that names something that does not exist), 3 an
+internal error (traceback in output/crash/progress.log), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -27,20 +29,22 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
-from core.registry import UnknownModule, discover  # noqa: E402
-from learning.roadmap import PROGRESS_ERRORS, ROADMAP_DAYS, print_progress, progress_report  # noqa: E402
+from core.cli import Parser, crash_log, guard, path_argument# noqa: E402
+from core.registry import discover  # noqa: E402
+from learning.roadmap import ROADMAP_DAYS, print_progress, progress_report  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--day", type=int, metavar="N", help=f"show the items of day N (1-{ROADMAP_DAYS})")
     p.add_argument("--module", metavar="NAME", help="only the days that name this module")
     p.add_argument("--start", type=date.fromisoformat, metavar="YYYY-MM-DD",
                    help="the date of day 1 (default: your first run or drill review)")
-    p.add_argument("--db", type=Path, metavar="PATH", help="progress database (default: output/progress.db)")
+    p.add_argument("--db", type=path_argument, metavar="PATH", help="progress database (default: output/progress.db)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
     if args.day is not None and not 1 <= args.day <= ROADMAP_DAYS:
@@ -49,17 +53,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """The command; exit status per core/cli.py (every bad-data error of the report is a UserError)."""
+    return guard(lambda: show(sys.argv[1:] if argv is None else argv),
+                 crash_log=crash_log("progress"))
+
+
+def show(argv: list[str]) -> int:
+    args = parse_args(argv)
     registry = discover()
     for broken in registry.broken:  # their questions and runs are left out of the report
         err.print(f"[yellow]skipping broken module manifest[/] {broken.path}: {escape(broken.error)}", soft_wrap=True)
-    try:
-        if args.module:
-            registry.get(args.module)
-        report = progress_report(registry, args.db, datetime.now(timezone.utc), args.start)
-    except (UnknownModule, *PROGRESS_ERRORS) as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        return 2
+    if args.module is not None:
+        registry.get(args.module)  # UnknownModule, with close matches
+    report = progress_report(registry, args.db, datetime.now(timezone.utc), args.start)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:

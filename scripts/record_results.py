@@ -9,8 +9,10 @@
 
 A record keeps the runs it already had (a refresh with --run re-runs exactly those) and adds the ones
 asked for. Runs go to the work dir like any run (FINETUNE_WORKDIR). Every README figure must come from
-a record: tests/test_published_figures.py. Exit status: 0 recorded, 1 a run failed its checks (its
-figures are recorded anyway, marked), 2 bad input or no run to record.
+a record: tests/test_published_figures.py. Exit status (core/cli.py): 0 recorded, 1 a run failed its
+checks (its figures are recorded anyway, marked), 2 bad input (an unknown module, a bad --seeds, a
+corrupt record or run.json) or no run to record, 3 an internal error (traceback in
+output/crash/record_results.log), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.artifacts import CorruptArtifact, write_json  # noqa: E402
+from core.artifacts import write_json  # noqa: E402
+from core.cli import Parser, crash_log, guard# noqa: E402
 from core.paths import workdir  # noqa: E402
-from core.registry import Module, UnknownModule, discover  # noqa: E402
+from core.registry import Module, discover  # noqa: E402
 from core.results import load_record, record_path, run_record  # noqa: E402
 
 
@@ -90,29 +93,38 @@ def chain_order(modules: list[Module]) -> list[Module]:
     return ordered
 
 
+def seed_list(text: str) -> list[int]:
+    """--seeds: comma-separated non-negative integers ("" for none)."""
+    seeds = []
+    for word in filter(None, (w.strip() for w in text.split(","))):
+        try:
+            seeds.append(int(word))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{word!r} is not an integer (expected e.g. 0,1,2)") from None
+        if seeds[-1] < 0:
+            raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {word}")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The command; exit status per core/cli.py (a corrupt record or run.json is a UserError naming the file)."""
+    return guard(lambda: record_all(argv), crash_log=crash_log("record_results"))
+
+
+def record_all(argv: list[str] | None) -> int:
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--module", action="append", default=[], help="module name (repeatable)")
     parser.add_argument("--all", action="store_true", help="every module")
     parser.add_argument("--run", action="store_true", help="run the presets first")
-    parser.add_argument("--seeds", default="", help="extra default-preset seeds to record, e.g. 0,1,2")
+    parser.add_argument("--seeds", type=seed_list, default=[], help="extra default-preset seeds to record, e.g. 0,1,2")
     parser.add_argument("--missing", action="store_true", help="only the runs the record lacks (with --run: "
                                                                "run just those, keep the rest as recorded)")
     args = parser.parse_args(argv)
     registry = discover()
-    try:
-        modules = list(registry.modules.values()) if args.all else [registry.get(n) for n in args.module]
-    except UnknownModule as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    modules = list(registry.modules.values()) if args.all else [registry.get(n) for n in args.module]
     if not modules:
         parser.error("name a --module or pass --all")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    try:
-        return max(record(m, variants(m, seeds, args.missing), args.run) for m in chain_order(modules))
-    except CorruptArtifact as exc:  # a record or run.json that is not what it should be: say which file
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return max(record(m, variants(m, args.seeds, args.missing), args.run) for m in chain_order(modules))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,17 @@
 
 Runs go to a temporary work dir, so the learner's own runs and run index are untouched. The report
 goes to output/smoke_reports/smoke_<UTC time>.json and latest.json (schema: learning/smoke.py).
-Exit status: 0 every module PASS and no regression against the previous report, 1 otherwise
-(0 with --allow-fail), 2 bad input, 130 interrupted (no report written).
+A session must cover at least one module: latest.json is the next session's baseline, and is never
+replaced by an empty report.
+Exit status (core/cli.py): 0 every module PASS and no regression against the previous report, 1
+otherwise (0 with --allow-fail), 2 bad input (an unknown module, an empty --modules, a preset a
+module lacks, a bad number), 3 an internal error (traceback in output/crash/smoke_test.log),
+130 interrupted (no report written).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.registry import Module, Registry, UnknownModule, discover  # noqa: E402
+from core.cli import INTERRUPTED, Parser, crash_log, guard# noqa: E402
+from core.registry import Module, Registry, discover  # noqa: E402
 from learning import smoke  # noqa: E402
 
 STATUS_STYLE = {"PASS": "green", "CHECK_FAILED": "yellow", "FAIL": "red", "TIMEOUT": "magenta"}
@@ -34,18 +40,26 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
-def positive(kind: type) -> Any:
+def number(kind: type, low: float = 0.0, strict: bool = True) -> Any:
+    """An argparse type: a finite number > low (or >= low when not strict); nan and inf are refused."""
     def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low:g}, got {text}")
         return value
     return parse
 
 
+def positive(kind: type) -> Any:
+    return number(kind)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     defaults = smoke.Options()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--modules", help="comma-separated module names (default: every module)")
     p.add_argument("--preset", default="toy", help="preset to run (default: toy)")
     p.add_argument("--timeout", type=positive(float), default=defaults.timeout_s, metavar="S",
@@ -53,32 +67,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--jobs", type=positive(int), default=defaults.jobs, metavar="N",
                    help="modules run in parallel (default: 1; durations are compared only between equal --jobs)")
     p.add_argument("--allow-fail", action="store_true", help="report only: exit 0 on failures and regressions")
-    p.add_argument("--metric-rtol", type=float, default=defaults.metric_rtol,
+    not_negative = number(float, strict=False)
+    p.add_argument("--metric-rtol", type=not_negative, default=defaults.metric_rtol,
                    help=f"relative move of a metric that counts as a regression (default: {defaults.metric_rtol:g})")
-    p.add_argument("--metric-atol", type=float, default=defaults.metric_atol,
+    p.add_argument("--metric-atol", type=not_negative, default=defaults.metric_atol,
                    help=f"absolute floor of that tolerance (default: {defaults.metric_atol:g})")
     p.add_argument("--slowdown", type=positive(float), default=defaults.slowdown,
                    help=f"run phase this many times slower is a regression (default: {defaults.slowdown:g})")
-    p.add_argument("--min-seconds", type=float, default=defaults.min_seconds,
+    p.add_argument("--min-seconds", type=not_negative, default=defaults.min_seconds,
                    help="durations below this count as this long when comparing, so noise is ignored "
                         f"(default: {defaults.min_seconds:g})")
-    args = p.parse_args(argv)
-    if args.metric_rtol < 0 or args.metric_atol < 0:
-        p.error("--metric-rtol and --metric-atol must be >= 0")
-    return args
+    return p.parse_args(argv)
 
 
 def select_modules(registry: Registry, names_arg: str | None, preset: str) -> list[Module]:
-    """The modules asked for, in registry order; raises UnknownModule or ValueError (bad preset)."""
+    """The modules asked for, in the order named (every module, in registry order, without
+    --modules); raises UnknownModule, or SmokeError for a preset a module lacks or a selection of no
+    module (a session must cover one: its report becomes the next session's baseline)."""
     if names_arg is None:
         modules = list(registry.modules.values())
+        if not modules:
+            raise smoke.SmokeError(f"no module to smoke-test: every module manifest is broken "
+                                   f"({len(registry.broken)}; python run.py --list says why)")
     else:
         names = [n.strip() for n in names_arg.split(",") if n.strip()]
+        if not names:
+            raise smoke.SmokeError(f"--modules {names_arg!r} names no module: give comma-separated names "
+                                   f"(e.g. --modules mdp,gae), or leave it out to run every module")
         modules = [registry.get(n) for n in dict.fromkeys(names)]
     lacking = [m.name for m in modules if preset not in m.presets]
     if lacking:
-        raise ValueError(f"preset {preset!r} does not exist for {', '.join(lacking)} "
-                         f"(their presets: {', '.join(sorted({p for m in modules for p in m.presets}))})")
+        raise smoke.SmokeError(f"preset {preset!r} does not exist for {', '.join(lacking)} "
+                               f"(their presets: {', '.join(sorted({p for m in modules for p in m.presets}))})")
     return modules
 
 
@@ -127,13 +147,16 @@ def print_summary(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """The command; exit status per core/cli.py."""
+    return guard(lambda: smoke_test(sys.argv[1:] if argv is None else argv),
+                 crash_log=crash_log("smoke_test"),
+                 interrupted="interrupted: no report written")
+
+
+def smoke_test(argv: list[str]) -> int:
+    args = parse_args(argv)
     registry = discover()
-    try:
-        modules = select_modules(registry, args.modules, args.preset)
-    except (UnknownModule, ValueError) as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}")
-        return 2
+    modules = select_modules(registry, args.modules, args.preset)
     options = smoke.Options(modules=None if args.modules is None else [m.name for m in modules],
                             timeout_s=args.timeout, jobs=args.jobs, metric_rtol=args.metric_rtol,
                             metric_atol=args.metric_atol, slowdown=args.slowdown, min_seconds=args.min_seconds)
@@ -144,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         entries = smoke.run_modules(modules, args.preset, args.timeout, args.jobs, on_done=print_progress)
     except (KeyboardInterrupt, smoke.SmokeInterrupted):
         err.print("[yellow]interrupted:[/] running modules were stopped; no report written")
-        return 130
+        return INTERRUPTED
     broken = registry.broken if args.modules is None else []
     report = smoke.build_report(entries, args.preset, options, previous, notes, broken)
     path = smoke.write_report(report)

@@ -55,7 +55,7 @@ class Chain:
 
     def copy_to(self, workdir: Path) -> None:
         """Give `workdir` the chain's runs and models, so a module downstream of it starts at once."""
-        shutil.copytree(self.folder, workdir, dirs_exist_ok=True)
+        shutil.copytree(self.folder, workdir, dirs_exist_ok=True, symlinks=True)  # output/<preset> links stay links
 
 
 TOY_CHAIN_GROUP = pytest.mark.xdist_group("toy_chain")

@@ -16,7 +16,7 @@ def test_grpo_toy_builds_its_whole_chain_and_shows_the_change(toy_chain):
     assert {name: index[name]["toy"]["status"] for name in ("nanogpt", "sft", "grpo")} == dict.fromkeys(
         ("nanogpt", "sft", "grpo"), "passed")
     for rel in ("pre_train/llm/nanogpt", "post_train/alignment/sft", "post_train/alignment/grpo"):
-        models = toy_chain.folder / rel / "models" / "toy"
+        models = toy_chain.folder / rel / "output" / "toy" / "model"
         assert (models / "model.safetensors").is_file() and (models / "tokenizer.model").is_file()
 
 

@@ -6,30 +6,36 @@ import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 import torch
 
 from core import artifacts
 from core.checks import Check
-from core.config import ConfigError, apply_overrides, field_docs, parse_value
+from core.config import ConfigError, Range, Seed, apply_overrides, field_docs, parse_value
 from core.registry import Module, discover, validate
 from core.run_context import RunContext, ResumeMismatch, latest_run, read_run_index
 
 
 @dataclass
 class DemoConfig:
-    lr: float = 0.1
+    lr: Annotated[float, Range(gt=0, le=1)] = 0.1
     """learning rate"""
-    steps: int = 10
+    steps: Annotated[int, Range(ge=1, le=1000)] = 10
     """how many steps"""
     use_baseline: bool = False
     arch: Literal["llama", "mla"] = "llama"
-    lambdas: tuple[float, ...] = (0.0, 1.0)
-    limit: int | None = None
-    seed: int = 0
+    lambdas: Annotated[tuple[float, ...], Range(ge=0, le=1)] = (0.0, 1.0)
+    limit: Annotated[int, Range(ge=1, le=100)] | None = None
+    seed: Seed = 0
     resume: bool = False
+
+
+@dataclass
+class LooseConfig:
+    steps: int = 10
+    seed: int = 0
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -196,6 +202,10 @@ def test_a_valid_manifest_passes_validation(tmp_path):
     ({"checks": [Check("accuracy", ">", 0.9)]}, {}, "'accuracy', which is not a reported metric"),
     ({"checks": [Check("loss", "<", ref="baseline")]}, {}, "'baseline', which is not a reported metric"),
     ({"checks": [Check("loss", "<", 1.0, presets=("big",))]}, {}, "unknown preset 'big'"),
+    ({"presets": {"toy": LooseConfig(), "default": LooseConfig()}}, {},
+     "config fields that do not declare their valid values: steps (int without a Range), seed (int without a Range)"),
+    ({"presets": {"toy": DemoConfig(steps=0), "default": DemoConfig()}}, {},
+     "preset 'toy' is not valid: steps=0 is out of range: expected int in [1, 1000]"),
 ])
 def test_contract_violations_are_named(tmp_path, module_changes, folder_changes, expected):
     errors = validate(_module(**module_changes), _folder(tmp_path, **folder_changes))
@@ -237,12 +247,12 @@ def test_resume_refuses_a_checkpoint_from_another_config(registry, workdir):
     module = registry.get("mdp")
     ctx = RunContext(module, "toy", DemoConfig(resume=True))
     ctx.save_checkpoint(3, {"w": torch.ones(2)})
-    step, state = ctx.load_checkpoint()
+    step, state = ctx.load_checkpoint(10)
     assert step == 3 and torch.equal(state["w"], torch.ones(2))
     other = RunContext(module, "toy", DemoConfig(lr=0.5, resume=True))
     with pytest.raises(ResumeMismatch, match="differs in: lr"):
-        other.load_checkpoint()
-    assert RunContext(module, "toy", DemoConfig(resume=False)).load_checkpoint() is None
+        other.load_checkpoint(10)
+    assert RunContext(module, "toy", DemoConfig(resume=False)).load_checkpoint(10) is None
 
 
 def test_run_writes_artifacts_and_indexes_the_latest_run_per_preset(run_module, workdir):

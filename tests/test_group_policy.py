@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from core.artifacts import UserError
-from core.rl.group_policy import aggregate, check_config, group_advantages, k3_kl
+from core.config import ConfigError, validate
+from core.rl.group_policy import aggregate, group_advantages, k3_kl
 from post_train.alignment.grpo.code.grpo import Config as GRPOConfig
 from post_train.alignment.grpo.code.grpo import grpo_objective
 from post_train.alignment.gspo.code.gspo import Config as GSPOConfig
@@ -150,7 +151,7 @@ def test_sft_loss_weighs_response_tokens_only():
 
 # --- the chain refuses a broken upstream -------------------------------------------------------------
 def fake_upstream(workdir, name: str, rel: str, files: dict[str, bytes]) -> None:
-    models = workdir / rel / "models" / "toy"
+    models = workdir / rel / "output" / "toy" / "model"
     models.mkdir(parents=True)
     for file, content in files.items():
         (models / file).write_bytes(content)
@@ -178,7 +179,7 @@ def test_grpo_stops_with_the_file_named_when_the_sft_tokenizer_is_missing(run_mo
     rel = "post_train/alignment/sft"
     fake_upstream(workdir, "sft", rel, {})
     save_model(Transformer(scaled_config("llama", vocab_size=64, block_size=32, n_layer=1, n_embd=16, n_head=2)),
-               workdir / rel / "models" / "toy")
+               workdir / rel / "output" / "toy" / "model")
     with pytest.raises(UserError, match="tokenizer.model"):
         run_module("grpo", "toy")
 
@@ -200,6 +201,16 @@ def test_log_probs_are_taken_at_the_rollout_temperature():
                                    "eval_every", "checkpoint_every", "max_new_tokens"])
 def test_a_config_that_would_train_nothing_is_refused_naming_the_field(field):
     cfg = dataclasses.replace(GRPOConfig(), **{field: 0})
-    with pytest.raises(UserError, match=f"{field}=0 must be at least"):
-        check_config(cfg)
-    check_config(GRPOConfig())  # the default passes
+    with pytest.raises(ConfigError, match=f"{field}=0 is out of range"):
+        validate(cfg)
+    validate(GRPOConfig())  # the default passes
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(prompts_per_step=2, group_size=4, minibatches=9), "minibatches=9 exceeds the 8 rows"),
+    (dict(prompts_per_step=64, group_size=8), "512 rows per rollout exceeds 256"),
+])
+def test_the_rules_between_fields_are_refused_naming_them(changes, named):
+    with pytest.raises(ConfigError, match=named):
+        validate(dataclasses.replace(GRPOConfig(), **changes))
+    validate(dataclasses.replace(GRPOConfig(), prompts_per_step=2, group_size=4, minibatches=8))

@@ -117,7 +117,7 @@ def test_toy_run_writes_samples_a_loadable_model_and_its_speed(run_module):
     assert samples.count("--- ") == TOY.n_samples
     evals = read_column(result.out_dir / "eval.csv", "step")
     assert list(evals) == [0, 10, 20, 30]
-    model = load_model(result.out_dir.parent.parent / "models" / "toy")
+    model = load_model(result.out_dir / "model")
     assert model.num_params() == result.metrics["params"]
     timings = json.loads((result.out_dir / "run.json").read_text())["timings"]
     assert timings["tokens_per_s"] > 0 and 0 < timings["mfu"] < 1

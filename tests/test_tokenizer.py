@@ -96,7 +96,7 @@ def test_toy_run_passes_its_checks_and_becomes_the_shared_tokenizer(run_module):
     assert (result.out_dir / "segmentations.md").read_text().count("bpe (") == 5
 
     path = trained_model_path("toy", vocab_size=1024)
-    assert path == workdir() / "pre_train/llm/tokenizer/models/toy/spm.model"
+    assert path == workdir() / "pre_train/llm/tokenizer/output/toy/model/spm.model"
     assert trained_model_path("toy", vocab_size=4096) is None
     said = []
     text = "Lily and Tom went to the park."

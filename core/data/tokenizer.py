@@ -21,7 +21,7 @@ import sentencepiece as spm
 from core.artifacts import UserError, atomic_write
 from core.data.corpus import generate_stories
 from core.paths import workdir
-from core.run_context import latest_run, read_run_index
+from core.run_context import MODEL_DIR, latest_run, read_run_index
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 """document boundaries, padding, and the chat-template role markers SFT needs"""
@@ -93,14 +93,13 @@ class Tokenizer:
 
 def trained_model_path(preset: str, vocab_size: int | None = None) -> Path | None:
     """The sentencepiece model of the latest passing tokenizer run at `preset` (with `vocab_size`
-    if given); it lives in the module's models/<preset>/, beside the run's output/<preset>/."""
+    if given); it lives in the run's folder, output/<preset>/model/."""
     run = latest_run(MODULE, preset)
     if run is None or run["status"] != "passed":
         return None
     if vocab_size is not None and run["config"]["vocab_size"] != vocab_size:
         return None
-    out_dir = workdir() / read_run_index()[MODULE][preset]["out_dir"]
-    path = out_dir.parent.parent / "models" / preset / MODEL_FILE
+    path = workdir() / read_run_index()[MODULE][preset]["out_dir"] / MODEL_DIR / MODEL_FILE
     return path if path.exists() else None
 
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable
 
 import numpy as np
 import torch
 
-from core.artifacts import UserError, atomic_write_text
+from core.artifacts import atomic_write_text
 from core.checks import Check
+from core.config import Range, Seed
 from core.data.chat import prompt_ids, response_text
 from core.data.tokenizer import Tokenizer
 from core.data.word_problems import Problem, correct, generate_problems, lenient_correct, score, well_formed
@@ -35,52 +36,72 @@ from core.nn.sequences import right_pad, token_logprobs
 from core.run_context import upstream_models
 
 
+MAX_ROLLOUT_ROWS = 256
+"""most rows (prompts_per_step x group_size) of one rollout: one generate chunk of core/nn/sampling.py,
+and the old/reference log-probs of all of them are taken in one forward ((rows, T, vocab) float logits)"""
+
+
 @dataclass
 class GroupPolicyConfig:
     """The knobs every group-policy module shares; each module's Config adds its objective's own."""
-    n_prompts: int = 2000
-    """training prompts (word problems of the train split; the held-out split is never trained on)"""
-    tiers: tuple[int, ...] = (1, 2, 3)
+    n_prompts: Annotated[int, Range(ge=1, le=10_000)] = 2000
+    """training prompts (word problems of the train split, about 15,000 per tier; the held-out split is
+    never trained on)"""
+    tiers: Annotated[tuple[int, ...], Range(ge=1, le=3)] = (1, 2, 3)
     """difficulty tiers of the prompts (core/data/word_problems.py)"""
-    n_held_out: int = 300
-    """held-out problems for the accuracy before, during and after"""
-    eval_samples: int = 4
+    n_held_out: Annotated[int, Range(ge=1, le=3000)] = 300
+    """held-out problems for the accuracy before, during and after (a single tier has about 3,800)"""
+    eval_samples: Annotated[int, Range(ge=1, le=32)] = 4
     """responses sampled per held-out problem for the sampled accuracy (pass@1 at the rollout temperature)"""
-    steps: int = 40
+    steps: Annotated[int, Range(ge=1, le=10_000)] = 40
     """generation batches (one rollout, then iterations x minibatches optimizer steps each)"""
-    prompts_per_step: int = 16
+    prompts_per_step: Annotated[int, Range(ge=1, le=128)] = 16
     """prompts per generation batch"""
-    group_size: int = 8
-    """G: responses sampled per prompt"""
-    iterations: int = 2
+    group_size: Annotated[int, Range(ge=2, le=64)] = 8
+    """G: responses sampled per prompt (a group of one has nothing to be compared with)"""
+    iterations: Annotated[int, Range(ge=1, le=16)] = 2
     """mu: passes over each generation batch; the ratio pi / pi_old is exactly 1 only on the batch's first
     optimizer step, so mu > 1 or minibatches > 1 is what gives the clip something to do"""
-    minibatches: int = 2
-    """optimizer steps per pass"""
-    lr: float = 5e-5
+    minibatches: Annotated[int, Range(ge=1, le=MAX_ROLLOUT_ROWS)] = 2
+    """optimizer steps per pass (at most the prompts_per_step x group_size rows of a batch)"""
+    lr: Annotated[float, Range(gt=0, le=1e-3)] = 5e-5
     """AdamW learning rate (constant)"""
-    beta: float = 0.04
+    beta: Annotated[float, Range(ge=0, le=10)] = 0.04
     """weight of the k3 KL penalty to the frozen sft model (DeepSeekMath 0.04; TRL's default 0)"""
     scale_rewards: bool = True
     """divide the centred rewards by the group std (False: Dr. GRPO's unscaled advantages)"""
-    adv_eps: float = 1e-4
-    """added to the group std before dividing (TRL's value)"""
-    temperature: float = 1.0
-    """sampling temperature of the rollouts (the log-probs are taken at the same temperature)"""
-    max_new_tokens: int = 40
-    """response budget (a response that reaches it without <|end|> is cut)"""
-    format_reward: float = 0.0
+    adv_eps: Annotated[float, Range(ge=1e-8, le=1)] = 1e-4
+    """added to the group std before dividing (TRL's value); a group of equal rewards has std 0"""
+    temperature: Annotated[float, Range(ge=0.1, le=10)] = 1.0
+    """sampling temperature of the rollouts (the log-probs are taken at the same temperature); near 0 the
+    G samples of a prompt are all alike and have no advantage"""
+    max_new_tokens: Annotated[int, Range(ge=1, le=2048)] = 40
+    """response budget (a response that reaches it without <|end|> is cut; at most what the sft model's
+    block_size leaves after the prompt)"""
+    format_reward: Annotated[float, Range(ge=0, le=10)] = 0.0
     """added to the reward of a response that ends in "The answer is N." (0: correctness only)"""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, Range(gt=0, le=100)] = 1.0
     """clip the global gradient norm to this"""
-    eval_every: int = 20
+    eval_every: Annotated[int, Range(ge=1, le=10_000)] = 20
     """steps between held-out accuracy measurements"""
-    checkpoint_every: int = 20
+    checkpoint_every: Annotated[int, Range(ge=1, le=10_000)] = 20
     """steps between resumable checkpoints"""
     resume: bool = False
     """continue from the checkpoint of an interrupted run"""
-    seed: int = 0
+    seed: Seed = 0
     """seeds the prompt order, the sampling and the minibatch order"""
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        rows = self.prompts_per_step * self.group_size
+        out = []
+        if rows > MAX_ROLLOUT_ROWS:
+            out.append(f"prompts_per_step x group_size = {self.prompts_per_step} x {self.group_size} = {rows} rows "
+                       f"per rollout exceeds {MAX_ROLLOUT_ROWS}")
+        if self.minibatches > rows:
+            out.append(f"minibatches={self.minibatches} exceeds the {rows} rows of a batch "
+                       f"(prompts_per_step x group_size)")
+        return out
 
 
 @dataclass
@@ -209,25 +230,9 @@ def evaluate(model: Transformer, tok: Tokenizer, problems: list[Problem], cfg: G
             "sampled_format": sampled_scores["format"], "texts": greedy}
 
 
-def check_config(cfg: GroupPolicyConfig) -> None:
-    """Values that would make the run meaningless, refused before any work (exit 2)."""
-    problems = [f"{k}={getattr(cfg, k)} must be at least {low}" for k, low in (
-        ("group_size", 2),  # a group of one has nothing to be compared with
-        ("steps", 1), ("prompts_per_step", 1), ("iterations", 1), ("minibatches", 1),
-        ("eval_every", 1), ("checkpoint_every", 1), ("eval_samples", 1), ("n_prompts", 1), ("n_held_out", 1),
-        ("max_new_tokens", 1)) if getattr(cfg, k) < low]
-    if not cfg.temperature > 0:
-        problems.append(f"temperature={cfg.temperature} must be > 0 (greedy groups are all alike: no advantage)")
-    if cfg.minibatches > cfg.prompts_per_step * cfg.group_size:
-        problems.append(f"minibatches={cfg.minibatches} exceeds the {cfg.prompts_per_step * cfg.group_size} rows of a batch")
-    if problems:
-        raise UserError("; ".join(problems))
-
-
 def train(cfg: GroupPolicyConfig, ctx, objective: Objective) -> dict:
     """Optimise the latest sft model of this preset with `objective` on groups of sampled answers;
     logs the "train" and "eval" tables and returns the metrics every group-policy module reports."""
-    check_config(cfg)
     sft_dir = upstream_models(ctx, "sft")
     policy, tok = load_model(sft_dir), Tokenizer.load(sft_dir)
     reference = load_model(sft_dir).eval().requires_grad_(False)  # frozen: the KL anchor
@@ -238,14 +243,15 @@ def train(cfg: GroupPolicyConfig, ctx, objective: Objective) -> dict:
     shuffling = torch.Generator().manual_seed(cfg.seed + 1)  # prompt picks and minibatch order
     timing = {"generate_s": 0.0, "learn_s": 0.0, "generated_tokens": 0.0}
 
-    resumed = ctx.load_checkpoint()
+    resumed = ctx.load_checkpoint(cfg.steps)
     if resumed:
         start, state = resumed
-        policy.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sampling.set_state(state["sampling"])
-        shuffling.set_state(state["shuffling"])
-        before = state["before"]
+        with ctx.restoring(opt):
+            policy.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sampling.set_state(state["sampling"])
+            shuffling.set_state(state["shuffling"])
+            before = state["before"]
     else:
         start = 0
         before = evaluate(policy, tok, held_out, cfg)

@@ -216,3 +216,26 @@ def start_value(q_net: nn.Module, starts: torch.Tensor) -> float:
 def greedy_returns(q_net: nn.Module, n_episodes: int, seed: int) -> np.ndarray:
     """Undiscounted returns of the greedy policy argmax_a q_net(s)[a] in the real environment."""
     return play_episodes(q_net, n_episodes, seed, greedy=True).episode_returns
+
+
+MAX_EVALUATIONS = 100
+"""evaluations per learner during training (updates // eval_every): points enough for a curve, and each
+plays eval_episodes full episodes"""
+
+
+def schedule_problems(cfg) -> list[str]:
+    """Rules between the fields every offline learner's config has (dataset_size, batch_size, updates,
+    target_update_every, eval_every): the part of its `Config.problems()` they share."""
+    problems = []
+    if cfg.batch_size > cfg.dataset_size:
+        problems.append(f"batch_size={cfg.batch_size} exceeds dataset_size={cfg.dataset_size}: "
+                        f"a minibatch would only repeat transitions")
+    if cfg.target_update_every > cfg.updates:
+        problems.append(f"target_update_every={cfg.target_update_every} exceeds updates={cfg.updates}: the "
+                        f"target network would never be copied (0 backups for the value check to compare with)")
+    if cfg.eval_every > cfg.updates:
+        problems.append(f"eval_every={cfg.eval_every} exceeds updates={cfg.updates}: no evaluation during training")
+    elif cfg.updates // cfg.eval_every > MAX_EVALUATIONS:
+        problems.append(f"updates // eval_every = {cfg.updates // cfg.eval_every} evaluations per learner "
+                        f"exceeds {MAX_EVALUATIONS}: use eval_every >= {-(-cfg.updates // MAX_EVALUATIONS)}")
+    return problems

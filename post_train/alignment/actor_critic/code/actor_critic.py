@@ -20,6 +20,7 @@ observation is already the next episode's first one, and the true s_final is in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import gymnasium as gym
 import matplotlib.pyplot as plt
@@ -28,59 +29,97 @@ import torch
 from gymnasium.vector import AutoresetMode
 from torch import nn
 
+from core.config import Range, Seed
 from core.rl.rollouts import derived_seed, first_solved_episode, gae, play_episodes
+
+
+EV_WINDOW = 20
+"""updates in the moving mean of the critic's explained variance whose peak is reported: 20 rollouts
+(2.5k transitions) average out the noise of a single 128-transition one"""
+MAX_ENV_STEPS = 20_000_000
+"""env steps of a whole run, all learners together: more is hours on a laptop, and every finished
+episode and time-limit cut is logged in memory until the end"""
+MAX_UPDATES = 1_000_000
+"""updates (Adam steps) of a whole run, all learners together: each logs a row kept in memory"""
 
 
 @dataclass
 class Config:
-    total_steps: int = 300_000
-    """environment steps per learner, summed over its vectorised envs"""
-    num_envs: int = 8
+    total_steps: Annotated[int, Range(ge=1, le=10_000_000)] = 300_000
+    """environment steps per learner, summed over its vectorised envs (rounded down to whole rollouts)"""
+    num_envs: Annotated[int, Range(ge=1, le=64)] = 8
     """synchronous CartPole-v1 copies stepped together"""
-    max_episode_steps: int = 500
+    max_episode_steps: Annotated[int, Range(ge=10, le=100_000)] = 500
     """time limit of the training episodes (CartPole-v1's is 500); where it cuts one, the learner
-    bootstraps gamma V(s_final). The toy uses CartPole-v0's 200, so that cuts happen within its budget"""
-    rollout_steps: int = 16
+    bootstraps gamma V(s_final). The toy uses CartPole-v0's 200, so that cuts happen within its budget.
+    At least 10: the pole needs 8 steps to fall, and a shorter limit leaves nothing to learn"""
+    rollout_steps: Annotated[int, Range(ge=1, le=1024)] = 16
     """steps per env between updates (T); the batch of one update is T * num_envs transitions"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
+    gamma: Annotated[float, Range(ge=0, le=1)] = 0.99
+    """discount factor (1 is fine: every training episode ends at the time limit at the latest)"""
+    gae_lambda: Annotated[float, Range(ge=0, le=1)] = 0.95
     """GAE lambda (1.0: n-step returns bootstrapped at the rollout end, as in A3C)"""
-    hidden: int = 64
+    hidden: Annotated[int, Range(ge=1, le=512)] = 64
     """units of each of the two tanh hidden layers"""
     shared_network: bool = False
     """one torso for actor and critic (two heads) instead of two separate networks"""
-    lr: float = 1e-3
+    lr: Annotated[float, Range(gt=0, le=1)] = 1e-3
     """Adam learning rate of the actor (and of a shared torso) at the start"""
-    critic_lr: float = 5e-3
+    critic_lr: Annotated[float, Range(gt=0, le=1)] = 5e-3
     """Adam learning rate of the critic's own parameters at the start"""
     anneal_lr: bool = True
     """decay both learning rates linearly to 0 over the run (OpenAI Baselines' A2C default)"""
-    ent_coef: float = 0.01
+    ent_coef: Annotated[float, Range(ge=0, le=10)] = 0.01
     """c_H, weight of the entropy bonus"""
-    vf_coef: float = 0.5
+    vf_coef: Annotated[float, Range(ge=0, le=100)] = 0.5
     """c_V, weight of the value loss (with separate networks it barely matters, since Adam is invariant
-    to the scale of a parameter's gradient: critic_lr sets the critic's speed)"""
-    max_grad_norm: float = 0.0
+    to the scale of a parameter's gradient: critic_lr sets the critic's speed; 0 leaves the critic untrained)"""
+    max_grad_norm: Annotated[float, Range(ge=0, le=1e6)] = 0.0
     """clip the gradient norm of actor and critic parameters, each on its own, to this (0: no clipping)"""
-    n_seeds: int = 5
+    n_seeds: Annotated[int, Range(ge=1, le=20)] = 5
     """independent learners (init, env resets and action sampling derived from (seed, learner))"""
-    final_episodes: int = 20
+    final_episodes: Annotated[int, Range(ge=1, le=1000)] = 20
     """final return = mean return of each learner's last this-many training episodes"""
-    solved_return: float = 475.0
+    solved_return: Annotated[float, Range(gt=0, le=100_000)] = 475.0
     """CartPole-v1's 'solved' level for the trailing mean over final_episodes episodes"""
-    eval_episodes: int = 20
+    eval_episodes: Annotated[int, Range(ge=1, le=1000)] = 20
     """greedy (argmax) evaluation episodes of each final policy"""
-    random_episodes: int = 100
+    random_episodes: Annotated[int, Range(ge=1, le=1000)] = 100
     """episodes of a uniformly random policy, the baseline return (~22)"""
-    seed: int = 0
+    seed: Seed = 0
     """seed of everything random"""
+
+    @property
+    def rollout_size(self) -> int:
+        """transitions per update, all envs together"""
+        return self.num_envs * self.rollout_steps
+
+    @property
+    def updates(self) -> int:
+        """updates per learner"""
+        return self.total_steps // self.rollout_size
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        problems = []
+        if self.rollout_size < 2:
+            problems.append("num_envs * rollout_steps = 1: a one-transition rollout has no explained variance; "
+                            "use at least 2 transitions per update")
+        if self.updates < EV_WINDOW:
+            problems.append(f"total_steps={self.total_steps} gives {self.updates} updates of num_envs * "
+                            f"rollout_steps = {self.rollout_size} steps; the explained variance is a "
+                            f"{EV_WINDOW}-update mean, so at least {EV_WINDOW} are needed: "
+                            f"total_steps >= {EV_WINDOW * self.rollout_size}")
+        if self.n_seeds * self.total_steps > MAX_ENV_STEPS:
+            problems.append(f"n_seeds * total_steps = {self.n_seeds * self.total_steps:,} env steps exceeds "
+                            f"{MAX_ENV_STEPS:,}")
+        if self.n_seeds * self.updates > MAX_UPDATES:
+            problems.append(f"n_seeds * updates = {self.n_seeds * self.updates:,} exceeds {MAX_UPDATES:,}: "
+                            f"use fewer, larger rollouts (num_envs * rollout_steps)")
+        return problems
 
 
 OBS_DIM, N_ACTIONS = 4, 2
-EV_WINDOW = 20
-"""updates in the moving mean of the critic's explained variance whose peak is reported: 20 rollouts
-(2.5k transitions) average out the noise of a single 128-transition one"""
 
 
 class ActorCritic(nn.Module):
@@ -202,7 +241,7 @@ def train(learner: int, cfg: Config, ctx) -> tuple[ActorCritic, EpisodeLog]:
     envs = make_envs(cfg.num_envs, cfg.max_episode_steps)
     obs, _ = envs.reset(seed=seed)  # sub-env i is seeded with seed + i; later resets continue its RNG
     episodes = EpisodeLog(cfg.num_envs)
-    n_updates = cfg.total_steps // (cfg.num_envs * cfg.rollout_steps)
+    n_updates = cfg.updates
     for update in range(n_updates):
         if cfg.anneal_lr:
             for group, lr in zip(optimizer.param_groups, (cfg.lr, cfg.critic_lr)):

@@ -27,11 +27,12 @@ loop over a rollout, held-out evaluation) is core/rl/group_policy.py; this file 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import matplotlib.pyplot as plt
 import torch
 
+from core.config import Range
 from core.rl.group_policy import GroupPolicyConfig, aggregate, k3_kl, train
 
 
@@ -39,7 +40,7 @@ from core.rl.group_policy import GroupPolicyConfig, aggregate, k3_kl, train
 class Config(GroupPolicyConfig):
     """Every field of the shared GroupPolicyConfig (prompts, G, mu, lr, beta, temperature, ...; see
     core/rl/group_policy.py or `--help`) plus the token-level clip and the loss aggregation."""
-    clip_eps: float = 0.2
+    clip_eps: Annotated[float, Range(gt=0, le=1)] = 0.2
     """epsilon of the clipped ratio: r is clipped to [1 - eps, 1 + eps]"""
     loss_agg: Literal["sequence", "token", "constant"] = "token"
     """sequence: per-response mean, then mean (GRPO paper); token: mean over the batch's tokens

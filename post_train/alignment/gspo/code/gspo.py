@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
+from typing import Annotated
 
 import matplotlib.pyplot as plt
 import torch
 
+from core.config import Range
 from core.rl.group_policy import GroupPolicyConfig, k3_kl, train
 from core.run_context import upstream_run
 
@@ -34,11 +36,11 @@ from core.run_context import upstream_run
 class Config(GroupPolicyConfig):
     """Every field of the shared GroupPolicyConfig (see core/rl/group_policy.py or `--help`) plus
     the sequence-level clip range."""
-    beta: float = 0.0
+    beta: Annotated[float, Range(ge=0, le=10)] = 0.0
     """weight of the k3 KL penalty to the frozen sft model (the GSPO paper uses none)"""
-    clip_low: float = 3e-4
+    clip_low: Annotated[float, Range(gt=0, le=1)] = 3e-4
     """s_i is clipped below at 1 - clip_low (GSPO paper, Sec. 5.1: 3e-4)"""
-    clip_high: float = 4e-4
+    clip_high: Annotated[float, Range(gt=0, le=1)] = 4e-4
     """s_i is clipped above at 1 + clip_high (GSPO paper: 4e-4)"""
 
 

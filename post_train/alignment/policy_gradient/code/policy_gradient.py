@@ -15,43 +15,67 @@ gradient is minus the estimate above, then fits V to the same episodes' returns.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
 
+from core.config import Range, Seed
 from core.rl.rollouts import EpisodeBatch, derived_seed, discounted_returns, first_solved_episode, play_episodes
+
+
+# Limits of the cross-field rules in Config.problems (memory and run time on a laptop)
+LEARNING_EPISODES_MAX = 200_000  # per variant; default 5,000 (~5 min for both variants); the cap is a few hours
+BATCH_UNITS_MAX = 262_144  # e.g. 256 episodes x 1024 units: ~1.5 GB of activations at 500-step episodes
 
 
 @dataclass
 class Config:
-    updates: int = 100
+    updates: Annotated[int, Range(ge=1, le=10_000)] = 100
     """policy updates per learner (each on a fresh batch of complete episodes)"""
-    episodes_per_update: int = 10
+    episodes_per_update: Annotated[int, Range(ge=1, le=10_000)] = 10
     """complete episodes per batch (played in parallel by core.rl.play_episodes)"""
-    n_seeds: int = 5
+    n_seeds: Annotated[int, Range(ge=1, le=100)] = 5
     """independent learners per variant; learner k of both variants shares its init and env seeds"""
-    gamma: float = 0.99
-    """discount factor of the reward-to-go"""
-    hidden: int = 32
+    gamma: Annotated[float, Range(ge=0, le=1)] = 0.99
+    """discount factor of the reward-to-go (1 is fine: CartPole-v1 ends every episode within 500 steps)"""
+    hidden: Annotated[int, Range(ge=1, le=1024)] = 32
     """hidden units of the policy MLP and of the value MLP (one tanh layer each)"""
-    policy_lr: float = 0.01
+    policy_lr: Annotated[float, Range(gt=0, le=1)] = 0.01
     """Adam learning rate of the policy (one step per batch)"""
-    value_lr: float = 0.01
+    value_lr: Annotated[float, Range(gt=0, le=1)] = 0.01
     """Adam learning rate of the value baseline"""
-    value_steps: int = 10
+    value_steps: Annotated[int, Range(ge=1, le=1000)] = 10
     """full-batch Adam steps of the value regression per batch (baseline variant only)"""
     normalize: bool = False
     """standardise the weights G_t - b(s_t) over the batch (mean 0, std 1) before the policy step"""
-    final_episodes: int = 20
-    """final return = mean return of each learner's last this-many training episodes"""
-    solved_return: float = 475.0
-    """CartPole-v1's 'solved' level: trailing mean over final_episodes episodes"""
-    random_episodes: int = 100
+    final_episodes: Annotated[int, Range(ge=1, le=100_000)] = 20
+    """final return = mean return of each learner's last this-many training episodes (at most
+    updates x episodes_per_update)"""
+    solved_return: Annotated[float, Range(gt=0, le=500)] = 475.0
+    """CartPole-v1's 'solved' level: trailing mean over final_episodes episodes (an episode pays at most 500)"""
+    random_episodes: Annotated[int, Range(ge=1, le=100_000)] = 100
     """episodes of a uniformly random policy, the baseline return (~22)"""
-    seed: int = 0
+    seed: Seed = 0
     """seed of network inits, env resets and action sampling"""
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        out = []
+        played = self.updates * self.episodes_per_update
+        if self.final_episodes > played:
+            out.append(f"final_episodes={self.final_episodes} exceeds the {played} training episodes "
+                       f"(updates x episodes_per_update)")
+        if played * self.n_seeds > LEARNING_EPISODES_MAX:
+            out.append(f"updates x episodes_per_update x n_seeds = {played * self.n_seeds} exceeds "
+                       f"{LEARNING_EPISODES_MAX} episodes per variant (run time)")
+        # the policy and value forward passes hold (up to 500 steps, episodes, hidden) activations
+        if self.episodes_per_update * self.hidden > BATCH_UNITS_MAX:
+            out.append(f"episodes_per_update x hidden = {self.episodes_per_update * self.hidden} exceeds "
+                       f"{BATCH_UNITS_MAX} (memory)")
+        return out
 
 
 VARIANTS = ("plain", "baseline")  # b(s) = 0, b(s) = V_w(s)

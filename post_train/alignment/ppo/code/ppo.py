@@ -22,6 +22,7 @@ the MDP; the rollout stores it with valid = False and it is dropped from every l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import gymnasium as gym
 import matplotlib.pyplot as plt
@@ -29,62 +30,104 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.config import Range, Seed
 from core.rl.rollouts import first_solved_episode, gae, play_episodes
+
+
+MIN_MINIBATCH = 8
+"""fewest transitions a minibatch may hold (before auto-reset steps are masked): the advantage of a
+single transition normalises to nan (std of one value) and poisons the weights"""
+MAX_ENV_STEPS = 20_000_000
+"""env steps of a whole run, all learners together: more is hours on a laptop, and every finished
+episode is logged in memory until the end"""
+MAX_ADAM_STEPS = 1_000_000
+"""Adam steps of a whole run, all learners together (CleanRL's CartPole configuration takes 16k per learner)"""
 
 
 @dataclass
 class Config:
-    total_steps: int = 60_000
+    total_steps: Annotated[int, Range(ge=1, le=10_000_000)] = 60_000
     """environment steps per learner (all sub-envs together, masked reset steps included; rounded
     down to whole rollouts)"""
-    num_envs: int = 8
+    num_envs: Annotated[int, Range(ge=1, le=64)] = 8
     """parallel CartPole sub-envs of the vector env"""
-    max_episode_steps: int = 500
+    max_episode_steps: Annotated[int, Range(ge=10, le=100_000)] = 500
     """time limit of the training episodes (CartPole-v1's is 500); where it cuts one, the learner
-    bootstraps gamma V(s_final). The toy uses CartPole-v0's 200, so that cuts happen within its budget"""
-    rollout_steps: int = 64
+    bootstraps gamma V(s_final). The toy uses CartPole-v0's 200, so that cuts happen within its budget.
+    At least 10: the pole needs 8 steps to fall, and a shorter limit leaves nothing to learn"""
+    rollout_steps: Annotated[int, Range(ge=1, le=1024)] = 64
     """steps per sub-env per rollout; one rollout = num_envs * rollout_steps transitions"""
-    epochs: int = 10
+    epochs: Annotated[int, Range(ge=1, le=100)] = 10
     """passes over each rollout (K in the PPO paper)"""
-    minibatches: int = 4
-    """minibatches per epoch (Adam steps per epoch)"""
-    lr: float = 2.5e-3
+    minibatches: Annotated[int, Range(ge=1, le=1024)] = 4
+    """minibatches per epoch (Adam steps per epoch); each holds at least MIN_MINIBATCH = 8 transitions
+    of the rollout (they need not divide it: the last ones are one transition smaller)"""
+    lr: Annotated[float, Range(gt=0, le=1)] = 2.5e-3
     """Adam learning rate at the start (actor and critic)"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over total_steps"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
+    gamma: Annotated[float, Range(ge=0, le=1)] = 0.99
+    """discount factor (1 is fine: every training episode ends at the time limit at the latest)"""
+    gae_lambda: Annotated[float, Range(ge=0, le=1)] = 0.95
     """lambda of GAE (0: one-step TD error, 1: Monte-Carlo return minus V)"""
-    clip_eps: float = 0.2
+    clip_eps: Annotated[float, Range(gt=0, le=1)] = 0.2
     """epsilon of the clipped surrogate: r_t is clipped to [1 - eps, 1 + eps]"""
-    value_clip: float | None = 10.0
+    value_clip: Annotated[float, Range(gt=0, le=1e6)] | None = 10.0
     """V may move at most this far from its rollout-time value before its loss is clipped (none: plain MSE)"""
-    value_coef: float = 0.5
-    """c1: weight of the value loss"""
-    entropy_coef: float = 0.0
+    value_coef: Annotated[float, Range(ge=0, le=100)] = 0.5
+    """c1: weight of the value loss (0: the critic is never trained)"""
+    entropy_coef: Annotated[float, Range(ge=0, le=10)] = 0.0
     """c2: weight of the entropy bonus"""
-    max_grad_norm: float = 0.5
+    max_grad_norm: Annotated[float, Range(gt=0, le=1e6)] = 0.5
     """clip the global gradient norm of actor + critic to this"""
-    target_kl: float | None = None
+    target_kl: Annotated[float, Range(gt=0, le=100)] | None = None
     """stop the epochs of an update early once an epoch's mean approx-KL exceeds this (none: never)"""
     norm_adv: bool = True
     """normalise advantages to mean 0, std 1 within each minibatch"""
-    hidden: int = 64
+    hidden: Annotated[int, Range(ge=1, le=512)] = 64
     """units of the two tanh hidden layers of the actor and of the critic"""
-    n_seeds: int = 1
+    n_seeds: Annotated[int, Range(ge=1, le=20)] = 1
     """independent learners; learner k uses seed + k (steps-to-475 is averaged over them)"""
-    solved_return: float = 475.0
+    solved_return: Annotated[float, Range(gt=0, le=100_000)] = 475.0
     """CartPole-v1 is solved when the mean of the last `solved_window` episode returns reaches this"""
-    solved_window: int = 20
+    solved_window: Annotated[int, Range(ge=1, le=1000)] = 20
     """episodes in the moving mean of the solved criterion and of the final return (the checks use it;
     steps_to_475_window100 also reports CleanRL's usual 100-episode window, a later and fairer bar)"""
-    eval_episodes: int = 20
+    eval_episodes: Annotated[int, Range(ge=1, le=1000)] = 20
     """greedy (argmax) evaluation episodes per learner after training"""
-    random_episodes: int = 100
+    random_episodes: Annotated[int, Range(ge=1, le=1000)] = 100
     """episodes of a uniformly random policy (the baseline return, ~22)"""
-    seed: int = 0
+    seed: Seed = 0
     """base seed: learner k seeds its nets, env resets, actions and minibatches from seed + k"""
+
+    @property
+    def rollout_size(self) -> int:
+        """transitions per rollout, all sub-envs together (masked reset steps included)"""
+        return self.num_envs * self.rollout_steps
+
+    @property
+    def iterations(self) -> int:
+        """rollouts (and updates) per learner"""
+        return self.total_steps // self.rollout_size
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        problems = []
+        if self.iterations < 1:
+            problems.append(f"total_steps={self.total_steps} is less than one rollout "
+                            f"(num_envs * rollout_steps = {self.rollout_size}): there would be no update")
+        if self.rollout_size < MIN_MINIBATCH * self.minibatches:
+            problems.append(f"minibatches={self.minibatches} splits a rollout of {self.rollout_size} transitions into "
+                            f"minibatches of fewer than {MIN_MINIBATCH}: use at most "
+                            f"{self.rollout_size // MIN_MINIBATCH}")
+        if self.n_seeds * self.total_steps > MAX_ENV_STEPS:
+            problems.append(f"n_seeds * total_steps = {self.n_seeds * self.total_steps:,} env steps exceeds "
+                            f"{MAX_ENV_STEPS:,}")
+        if self.n_seeds * self.iterations * self.epochs * self.minibatches > MAX_ADAM_STEPS:
+            problems.append(f"n_seeds * iterations * epochs * minibatches = "
+                            f"{self.n_seeds * self.iterations * self.epochs * self.minibatches:,} Adam steps exceeds "
+                            f"{MAX_ADAM_STEPS:,}")
+        return problems
 
 
 OBS_DIM, N_ACTIONS = 4, 2
@@ -304,7 +347,7 @@ def train(cfg: Config, seed: int, ctx) -> LearnerResult:
     rng = np.random.default_rng(action_seed)
     runner = VectorRunner(cfg.num_envs, env_seed, cfg.max_episode_steps)
     result = LearnerResult(seed, episodes=[])
-    iterations = cfg.total_steps // (cfg.num_envs * cfg.rollout_steps)
+    iterations = cfg.iterations
     for it in ctx.track(range(iterations), f"PPO seed {seed}", total=iterations):
         lr = cfg.lr * (1 - it / iterations) if cfg.anneal_lr else cfg.lr   # linear decay to ~0
         for group in optimizer.param_groups:

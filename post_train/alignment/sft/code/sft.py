@@ -22,6 +22,7 @@ The base model is the latest nanogpt run at the same preset (built first when th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from core.artifacts import UserError, atomic_write_text
+from core.config import Range, Seed
 from core.data.chat import chat_example
 from core.data.tokenizer import Tokenizer
 from core.data.word_problems import Problem, generate_problems, score, story_examples
@@ -41,41 +43,42 @@ from core.run_context import upstream_models
 
 @dataclass
 class Config:
-    n_problems: int = 4000
-    """training word problems (tiers in turn)"""
-    tiers: tuple[int, ...] = (1, 2, 3)
+    n_problems: Annotated[int, Range(ge=1, le=10_000)] = 4000
+    """training word problems (tiers in turn; a single tier has about 15,000 distinct train problems)"""
+    tiers: Annotated[tuple[int, ...], Range(ge=1, le=3)] = (1, 2, 3)
     """difficulty tiers: 1 a+b, 2 a-b with a two-digit a, 3 a+b-c (core/data/word_problems.py)"""
-    verifiable_fraction: float = 0.5
+    verifiable_fraction: Annotated[float, Range(ge=0, le=1)] = 0.5
     """share of the demonstrations that end in the verifiable "The answer is N."; the others end in a
     plain sentence ("So Mia had 12 shells.") that the answer checker does not read, as human-written
     answers often do. The sft model then ends both ways, and GRPO can find out which one is rewarded"""
-    story_fraction: float = 0.2
+    story_fraction: Annotated[float, Range(ge=0, le=1)] = 0.2
     """story requests per training word problem (0 drops them; the language then drifts further)"""
-    n_held_out: int = 300
-    """held-out problems for the accuracy (no question shared with training)"""
-    steps: int = 600
+    n_held_out: Annotated[int, Range(ge=1, le=3000)] = 300
+    """held-out problems for the accuracy (no question shared with training; a single tier has about 3,800)"""
+    steps: Annotated[int, Range(ge=1, le=100_000)] = 600
     """optimizer steps"""
-    batch_size: int = 32
+    batch_size: Annotated[int, Range(ge=1, le=256)] = 32
     """examples per step"""
-    lr: float = 1e-3
+    lr: Annotated[float, Range(gt=0, le=1e-2)] = 1e-3
     """peak learning rate (below pretraining's: the base model's language should survive)"""
-    warmup: int = 30
+    warmup: Annotated[int, Range(ge=0, le=100_000)] = 30
     """linear warmup steps"""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
     """the cosine decays to min_lr_ratio * lr"""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, Range(ge=0, le=1)] = 0.0
     """AdamW decoupled weight decay on weight matrices"""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, Range(gt=0, le=100)] = 1.0
     """clip the global gradient norm to this"""
-    max_new_tokens: int = 40
-    """response budget when answering held-out problems"""
-    eval_every: int = 100
+    max_new_tokens: Annotated[int, Range(ge=1, le=2048)] = 40
+    """response budget when answering held-out problems (at most what the base model's block_size
+    leaves after the prompt)"""
+    eval_every: Annotated[int, Range(ge=1, le=100_000)] = 100
     """steps between held-out accuracy measurements (greedy; the train loss is logged every step)"""
-    checkpoint_every: int = 100
+    checkpoint_every: Annotated[int, Range(ge=1, le=100_000)] = 100
     """steps between resumable checkpoints"""
     resume: bool = False
     """continue from the checkpoint of an interrupted run"""
-    seed: int = 0
+    seed: Seed = 0
     """seeds the problems, the batches and the initialisation order"""
 
 
@@ -107,19 +110,7 @@ def sft_loss(model: Transformer, ids: torch.Tensor, loss_mask: torch.Tensor) -> 
 
 
 # --- training ----------------------------------------------------------------------------------
-def check_config(cfg: Config) -> None:
-    """Values that would crash or mean nothing, refused before any work (exit 2)."""
-    problems = [f"{k}={getattr(cfg, k)} must be at least 1" for k in (
-        "n_problems", "n_held_out", "steps", "batch_size", "eval_every", "checkpoint_every", "max_new_tokens")
-        if getattr(cfg, k) < 1]
-    problems += [f"{k}={getattr(cfg, k)} must be in [0, 1]" for k in ("verifiable_fraction", "story_fraction")
-                 if not 0 <= getattr(cfg, k) <= 1]
-    if problems:
-        raise UserError("; ".join(problems))
-
-
 def run(cfg: Config, ctx) -> dict:
-    check_config(cfg)
     base_dir = upstream_models(ctx, "nanogpt")
     model, tok = load_model(base_dir), Tokenizer.load(base_dir)
     ids, masks, dropped = build_examples(cfg, tok, model.cfg.block_size)
@@ -129,13 +120,14 @@ def run(cfg: Config, ctx) -> dict:
 
     opt = torch.optim.AdamW(adamw_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     batches = torch.Generator().manual_seed(cfg.seed)
-    resumed = ctx.load_checkpoint()
+    resumed = ctx.load_checkpoint(cfg.steps)
     if resumed:
         start, state = resumed
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        batches.set_state(state["batches"])
-        base = state["base"]
+        with ctx.restoring(opt):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            batches.set_state(state["batches"])
+            base = state["base"]
     else:
         start = 0
         base_responses = answer(model, tok, [p.question for p in held_out], cfg.max_new_tokens)

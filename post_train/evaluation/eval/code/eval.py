@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.artifacts import UserError, read_json
+from core.artifacts import read_json
+from core.config import Range, Seed
 from core.data.corpus import generate_stories
 from core.data.tokenizer import Tokenizer
 from core.data.word_problems import correct, generate_problems, score
@@ -36,22 +38,22 @@ from core.nn.model import Transformer, load_model
 from core.nn.sampling import answer
 from core.paths import workdir
 from core.registry import Module, discover
-from core.run_context import read_run_index, upstream_models
+from core.run_context import MODEL_DIR, output_link, read_run_index, upstream_models
 
 
 @dataclass
 class Config:
-    samples: int = 8
+    samples: Annotated[int, Range(ge=1, le=64)] = 8
     """n: responses sampled per problem for pass@1 and pass@n"""
-    temperature: float = 1.0
+    temperature: Annotated[float, Range(ge=0.01, le=10)] = 1.0
     """sampling temperature of the pass@k samples"""
-    max_new_tokens: int = 40
+    max_new_tokens: Annotated[int, Range(ge=1, le=1024)] = 40
     """response budget"""
-    n_stories: int = 200
+    n_stories: Annotated[int, Range(ge=1, le=10_000)] = 200
     """held-out generated stories for the perplexity"""
-    z: float = 1.96
+    z: Annotated[float, Range(gt=0, le=6)] = 1.96
     """normal quantile of the accuracy interval (1.96: 95%)"""
-    seed: int = 0
+    seed: Seed = 0
     """seeds the samples and the held-out stories"""
 
 
@@ -98,13 +100,10 @@ def lm_modules() -> list[Module]:
 def present_models(ctx, candidates: list[Module]) -> list[Module]:
     index = read_run_index()
     return [m for m in candidates if ctx.preset in index.get(m.name, {})
-            and (workdir() / m.rel_path / "models" / ctx.preset / "model.safetensors").exists()]
+            and (output_link(m, ctx.preset) / MODEL_DIR / "model.safetensors").exists()]
 
 
 def run(cfg: Config, ctx) -> dict:
-    if cfg.samples < 1 or cfg.n_stories < 1 or cfg.max_new_tokens < 1 or not cfg.temperature > 0:
-        raise UserError(f"samples, n_stories and max_new_tokens must be at least 1 and temperature > 0 "
-                        f"(got {cfg.samples}, {cfg.n_stories}, {cfg.max_new_tokens}, {cfg.temperature})")
     candidates = lm_modules()
     if not any(m.name == "sft" for m in present_models(ctx, candidates)):
         upstream_models(ctx, "sft")  # the leaderboard needs the chat model at least (and builds its base)
@@ -118,7 +117,7 @@ def run(cfg: Config, ctx) -> dict:
 
     results = {}
     for module in ctx.track(rows, "evaluating"):
-        folder = workdir() / module.rel_path / "models" / ctx.preset
+        folder = output_link(module, ctx.preset) / MODEL_DIR
         model, tok = load_model(folder), Tokenizer.load(folder)
         questions = [p.question for p in problems]
         greedy = score(answer(model, tok, questions, cfg.max_new_tokens), problems)

@@ -19,43 +19,51 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Annotated
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
 
+from core.config import Range, Seed
 from core.rl.offline import (QUALITIES, Minibatch, MinibatchSampler, OfflineDataset, bc_loss, collect_dataset,
-                             greedy_returns, mc_returns, q_network, reachable_start_values, start_value)
+                             greedy_returns, mc_returns, q_network, reachable_start_values, schedule_problems,
+                             start_value)
 from core.rl.rollouts import derived_seed
 
 
 @dataclass
 class Config:
-    dataset_size: int = 20_000
-    """transitions per dataset (whole episodes, at least this many)"""
-    updates: int = 10_000
+    dataset_size: Annotated[int, Range(ge=1, le=200_000)] = 20_000
+    """transitions per dataset (whole episodes, at least this many; never fewer than 8 episodes)"""
+    updates: Annotated[int, Range(ge=1, le=200_000)] = 10_000
     """gradient steps per learner (the same for CQL, DQN and BC)"""
-    batch_size: int = 128
-    """transitions per minibatch, drawn uniformly with replacement"""
-    hidden: int = 64
+    batch_size: Annotated[int, Range(ge=1, le=4096)] = 128
+    """transitions per minibatch, drawn uniformly with replacement (at most dataset_size)"""
+    hidden: Annotated[int, Range(ge=1, le=512)] = 64
     """units of each of the two hidden layers of the network"""
-    lr: float = 1e-3
+    lr: Annotated[float, Range(gt=0, le=1)] = 1e-3
     """Adam learning rate"""
-    gamma: float = 0.99
-    """discount factor"""
-    target_update_every: int = 50
-    """copy the online network into the target network every this-many updates"""
-    cql_alpha: float = 1.0
+    gamma: Annotated[float, Range(ge=0, lt=1)] = 0.99
+    """discount factor (below 1: value_upper_bound = 1/(1-gamma) is what the value checks compare with)"""
+    target_update_every: Annotated[int, Range(ge=1, le=200_000)] = 50
+    """copy the online network into the target network every this-many updates (at most updates: the
+    value check compares with what updates // target_update_every backups reach)"""
+    cql_alpha: Annotated[float, Range(ge=0, le=100)] = 1.0
     """weight alpha of the conservative term (alpha = 0 is offline DQN)"""
-    eval_every: int = 1000
-    """evaluate the greedy policy every this-many updates"""
-    eval_episodes: int = 10
+    eval_every: Annotated[int, Range(ge=1, le=200_000)] = 1000
+    """evaluate the greedy policy every this-many updates (at most updates, and at most 100 evaluations)"""
+    eval_episodes: Annotated[int, Range(ge=1, le=1000)] = 10
     """episodes per evaluation during training"""
-    final_eval_episodes: int = 20
+    final_eval_episodes: Annotated[int, Range(ge=1, le=1000)] = 20
     """episodes of the final evaluation, the reported return"""
-    seed: int = 0
+    seed: Seed = 0
     """seed of the datasets, network inits, minibatches and evaluation episodes"""
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        return schedule_problems(self)
 
 
 METHODS = ("cql", "dqn", "bc")

@@ -25,6 +25,7 @@ Two experiments:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -32,51 +33,81 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from core.config import Range, Seed
 from core.rl.rollouts import EpisodeBatch, derived_seed, discounted_returns, gae, play_episodes
+
+
+# Limits of the cross-field rules in Config.problems (memory and run time on a laptop)
+MAX_EPISODE_STEPS = 500  # CartPole-v1's time limit
+LEARNING_EPISODES_MAX = 100_000  # default 4,800 (~9 min for all five estimators); the cap is a few hours
+BATCH_UNITS_MAX = 262_144  # e.g. 256 episodes x 1024 units: ~1.5 GB of activations at 500-step episodes
+GRADIENT_SAMPLES_MAX = 1_000_000  # default 452,000: ~0.6 GB at the fixed policy's ~50-step episodes
 
 
 @dataclass
 class Config:
-    updates: int = 100
+    updates: Annotated[int, Range(ge=1, le=10_000)] = 100
     """policy updates per learner in the learning-curve experiment"""
-    episodes_per_update: int = 16
+    episodes_per_update: Annotated[int, Range(ge=1, le=10_000)] = 16
     """complete episodes per batch (one vectorised CartPole env per episode)"""
-    n_seeds: int = 3
+    n_seeds: Annotated[int, Range(ge=1, le=100)] = 3
     """independent learners per estimator (learner k's init and episodes derive from (seed, k))"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
+    gamma: Annotated[float, Range(ge=0, le=1)] = 0.99
+    """discount factor (1 is fine: CartPole-v1 ends every episode within 500 steps)"""
+    gae_lambda: Annotated[float, Range(ge=0, le=1)] = 0.95
     """lambda of the GAE estimator"""
-    n_step: int = 10
-    """horizon n of the n-step estimator"""
-    hidden: int = 32
+    n_step: Annotated[int, Range(ge=1, le=MAX_EPISODE_STEPS)] = 10
+    """horizon n of the n-step estimator (an episode lasts at most 500 steps: a longer n is G - V)"""
+    hidden: Annotated[int, Range(ge=1, le=1024)] = 32
     """hidden units of the policy and of the value MLP (one tanh layer each)"""
-    policy_lr: float = 0.01
+    policy_lr: Annotated[float, Range(gt=0, le=1)] = 0.01
     """Adam learning rate of the policy (one step per batch)"""
-    value_lr: float = 0.01
+    value_lr: Annotated[float, Range(gt=0, le=1)] = 0.01
     """Adam learning rate of the value function"""
-    value_steps: int = 20
+    value_steps: Annotated[int, Range(ge=1, le=1000)] = 20
     """full-batch Adam steps on the value regression per batch"""
-    final_window: int = 10
-    """final return = mean batch return over the last this-many updates"""
-    random_episodes: int = 200
+    final_window: Annotated[int, Range(ge=1, le=10_000)] = 10
+    """final return = mean batch return over the last this-many updates (at most `updates`)"""
+    random_episodes: Annotated[int, Range(ge=1, le=100_000)] = 200
     """episodes of a uniformly random policy (the baseline return, ~22 on CartPole)"""
-    fixed_policy_updates: int = 10
-    """gradient-variance experiment: REINFORCE updates that produce the fixed policy (0: the init)"""
-    value_fit_episodes: int = 400
+    fixed_policy_updates: Annotated[int, Range(ge=0, le=100)] = 10
+    """gradient-variance experiment: REINFORCE updates that produce the fixed policy (0: the init; a
+    better-trained policy plays longer episodes, up to 500 steps, and the experiment's memory grows with them)"""
+    value_fit_episodes: Annotated[int, Range(ge=1, le=10_000)] = 400
     """episodes (separate from the measured ones) whose returns the fixed V is regressed on"""
-    value_fit_steps: int = 400
+    value_fit_steps: Annotated[int, Range(ge=1, le=100_000)] = 400
     """full-batch Adam steps of that regression"""
-    variance_episodes: int = 2000
-    """episodes of the fixed policy; each one is one sample of the gradient estimate g"""
-    variance_lambdas: tuple[float, ...] = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
+    variance_episodes: Annotated[int, Range(ge=4, le=100_000)] = 2000
+    """episodes of the fixed policy; each one is one sample of the gradient estimate g (>= 4: each half
+    of them needs two for a standard error)"""
+    variance_lambdas: Annotated[tuple[float, ...], Range(ge=0, le=1)] = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
     """GAE lambdas of the bias/variance sweep on the same episodes"""
-    checkpoint_every: int = 10
+    checkpoint_every: Annotated[int, Range(ge=1, le=10_000)] = 10
     """save a checkpoint of the learning-curve loop every this-many updates"""
     resume: bool = False
     """continue the learning-curve loop from the last checkpoint of this preset"""
-    seed: int = 0
+    seed: Seed = 0
     """seed of network inits, env resets and action sampling"""
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        out = []
+        if self.final_window > self.updates:
+            out.append(f"final_window={self.final_window} exceeds updates={self.updates}")
+        episodes = self.updates * self.episodes_per_update * self.n_seeds
+        if episodes > LEARNING_EPISODES_MAX:
+            out.append(f"updates x episodes_per_update x n_seeds = {episodes} exceeds {LEARNING_EPISODES_MAX} "
+                       f"episodes per estimator (run time)")
+        # a full-batch value regression holds (episodes x up to 500 steps, hidden) activations
+        for name in ("episodes_per_update", "value_fit_episodes"):
+            if getattr(self, name) * self.hidden > BATCH_UNITS_MAX:
+                out.append(f"{name} x hidden = {getattr(self, name) * self.hidden} exceeds {BATCH_UNITS_MAX} (memory)")
+        # per_step_logp_grads holds one gradient (7 hidden + 2 parameters) per step of the measured episodes
+        grad_size = self.variance_episodes * (7 * self.hidden + 2)
+        if grad_size > GRADIENT_SAMPLES_MAX:
+            out.append(f"variance_episodes x policy parameters (7 hidden + 2) = {grad_size} exceeds "
+                       f"{GRADIENT_SAMPLES_MAX} (memory of the per-step gradients)")
+        return out
 
 
 ESTIMATORS = ("mc", "baseline", "td0", "nstep", "gae")
@@ -170,6 +201,10 @@ class Learner:
             state |= {"value": self.value.state_dict(), "value_opt": self.value_opt.state_dict()}
         return state
 
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.policy_opt] + ([self.value_opt] if self.value is not None else [])
+
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
         self.policy_opt.load_state_dict(state["policy_opt"])
@@ -196,11 +231,12 @@ def learning_curves(cfg: Config, ctx) -> None:
     learners = {(est, k): Learner(est, cfg, derived_seed(cfg.seed, k))
                 for k in range(cfg.n_seeds) for est in ESTIMATORS}
     start = 0
-    loaded = ctx.load_checkpoint()
+    loaded = ctx.load_checkpoint(cfg.updates)
     if loaded is not None:
         start, state = loaded
-        for (est, k), learner in learners.items():
-            learner.load_state_dict(state[f"{est}/{k}"])
+        with ctx.restoring(*(opt for learner in learners.values() for opt in learner.optimizers)):
+            for (est, k), learner in learners.items():
+                learner.load_state_dict(state[f"{est}/{k}"])
     for update in ctx.track(range(start, cfg.updates), "learning curves", total=cfg.updates - start):
         for (est, k), learner in learners.items():
             # common random numbers: every estimator of seed k sees the same env starts and uniforms

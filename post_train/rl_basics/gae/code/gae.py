@@ -20,43 +20,77 @@ is off by exactly -e(s) on average: a state-only shift that the gradient never s
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from core.config import Range, Seed
 from core.rl.rollouts import discounted_returns, gae
+
+
+# Limits of the cross-field rules in Config.problems (memory and run time on a laptop)
+ROLLOUT_STEPS_MAX = 1.5e7  # default ~5e6 steps: 0.7 GB peak, ~2 GB at the cap
+ROLLOUT_WORK_MAX = 1e9  # default ~6e7
+ENV_PAIR_CELLS_MAX = 2e7  # default 480,000; float64: 160 MB at the cap
 
 
 @dataclass
 class Config:
-    n_states: int = 10
+    n_states: Annotated[int, Range(ge=1, le=300)] = 10
     """non-terminal states of the random MDP"""
-    n_actions: int = 3
+    n_actions: Annotated[int, Range(ge=1, le=100)] = 3
     """actions per state"""
-    termination_prob: float = 0.05
-    """mean per-step probability that the episode ends (each (s, a) draws its own in [0.5, 1.5] x this)"""
-    reward_mean: float = 1.0
+    termination_prob: Annotated[float, Range(ge=0.001, le=0.5)] = 0.05
+    """mean per-step probability that the episode ends (each (s, a) draws its own in [0.5, 1.5] x this).
+    Above 0: every episode ends, which makes gamma = 1 well defined and the rollout finite (beyond 2/3
+    a drawn probability would exceed 1)"""
+    reward_mean: Annotated[float, Range(ge=-1000, le=1000)] = 1.0
     """mean of the expected rewards r(s, a) ~ N(reward_mean, 1); > 0 makes episodes worth something"""
-    reward_noise: float = 1.0
+    reward_noise: Annotated[float, Range(ge=0, le=1000)] = 1.0
     """std of the Gaussian noise added to each sampled reward"""
-    gamma: float = 0.95
-    """discount factor (part of the problem: it sets what Q^pi and V^pi are)"""
-    lambdas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    gamma: Annotated[float, Range(ge=0, le=1)] = 0.95
+    """discount factor (part of the problem: it sets what Q^pi and V^pi are). 1 is allowed: every
+    (s, a) ends the episode with probability >= termination_prob / 2, so I - gamma P_pi is invertible"""
+    lambdas: Annotated[tuple[float, ...], Range(ge=0, le=1)] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     """GAE lambdas to evaluate (0 and 1 are always added)"""
-    value_error: float = 3.0
+    value_error: Annotated[float, Range(ge=0, le=1000)] = 3.0
     """std over states of the critic's fixed error e(s) = V_hat(s) - V^pi(s), in reward units"""
-    n_envs: int = 16000
-    """parallel environments; each one is a trajectory of several back-to-back episodes"""
-    horizon: int = 128
+    n_envs: Annotated[int, Range(ge=2, le=1_000_000)] = 16000
+    """parallel environments; each one is a trajectory of several back-to-back episodes (>= 2: the
+    standard errors are clustered by environment)"""
+    horizon: Annotated[int, Range(ge=1, le=100_000)] = 128
     """steps per environment (PPO's num_steps); the episode running at the horizon is finished, not cut"""
-    min_visits: int = 200
+    min_visits: Annotated[int, Range(ge=2, le=100_000_000)] = 200
     """(s, a) pairs visited fewer times are left out of the z-scores (too few samples for a standard error)"""
-    mdp_seed: int = 0
+    mdp_seed: Seed = 0
     """seed of the random MDP, the policy and the critic's error (the problem)"""
-    seed: int = 0
+    seed: Seed = 0
     """seed of the sampled trajectories (the experiment)"""
+
+    def expected_steps(self) -> float:
+        """About how many steps the rollout stores: n_envs x (horizon + the wait for the last episode
+        to end, ~ln(n_envs) / termination_prob)."""
+        return self.n_envs * (self.horizon + math.log(self.n_envs) / self.termination_prob)
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        out = []
+        steps = self.expected_steps()
+        if steps > ROLLOUT_STEPS_MAX:
+            out.append(f"n_envs x (horizon + ln(n_envs) / termination_prob) = {steps:.3g} steps exceeds "
+                       f"{ROLLOUT_STEPS_MAX:.3g} (the rollout's arrays, ~150 bytes a step)")
+        elif steps * (self.n_states + 1) > ROLLOUT_WORK_MAX:
+            out.append(f"{steps:.3g} rollout steps x (n_states + 1) outcomes = {steps * (self.n_states + 1):.3g} "
+                       f"exceeds {ROLLOUT_WORK_MAX:.3g} (run time: each step samples the next state)")
+        cells = self.n_envs * self.n_states * self.n_actions
+        if cells > ENV_PAIR_CELLS_MAX:
+            out.append(f"n_envs x n_states x n_actions = {cells} exceeds {ENV_PAIR_CELLS_MAX:.3g} "
+                       f"(the clustered standard errors sum per environment and (s, a) pair)")
+        return out
 
 
 @dataclass
@@ -181,8 +215,11 @@ def pair_stats(errors: np.ndarray, pair: np.ndarray, env: np.ndarray, n_pairs: i
 
 
 def max_abs_z(stats: PairStats, expected_bias: np.ndarray, min_visits: int) -> float:
-    """Largest |measured bias - expected bias| in standard errors over well-visited pairs."""
+    """Largest |measured bias - expected bias| in standard errors over well-visited pairs (nan when no
+    pair has min_visits visits: then there is nothing to test, and a check on it fails)."""
     ok = stats.visits >= min_visits
+    if not ok.any():
+        return float("nan")
     return float(np.max(np.abs(stats.bias[ok] - expected_bias[ok]) / stats.stderr[ok]))
 
 
@@ -279,7 +316,9 @@ def run(cfg: Config, ctx) -> dict[str, float]:
     return {
         "v_start_exact": float(V[mdp.start_state]),
         "v_start_mc": v_start_mc,
-        "mc_value_z": abs(v_start_mc - float(V[mdp.start_state])) / v_start_stderr,
+        # a sampler with no noise at all (reward_noise=0, one action, gamma=0) has stderr 0: z undefined
+        "mc_value_z": (abs(v_start_mc - float(V[mdp.start_state])) / v_start_stderr if v_start_stderr > 0
+                       else float("nan")),
         "bias2_lambda0": at[0.0]["bias2"],
         "bias2_lambda1": at[1.0]["bias2"],
         "var_lambda0": at[0.0]["variance"],

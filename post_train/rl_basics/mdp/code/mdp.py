@@ -14,11 +14,13 @@ episodes of the greedy policy, and its success within the time limit against the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import numpy as np
 import matplotlib.pyplot as plt
+
+from core.config import Range, Seed
 
 
 @dataclass
@@ -27,17 +29,22 @@ class Config:
     """FrozenLake map"""
     is_slippery: bool = True
     """slippery ice: the intended move happens with probability 1/3, each perpendicular one 1/3"""
-    gamma: float = 0.99
-    """discount factor"""
-    theta: float = 1e-11
-    """stop when the largest Bellman residual of a sweep falls below this"""
-    max_sweeps: int = 100_000
-    """safety cap on sweeps for value iteration and each policy evaluation"""
-    eval_episodes: int = 2000
-    """episodes of the greedy (and of a random) policy played in the real gymnasium env"""
-    gamma_sweep: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
-    """discounts for the success-vs-gamma curve (exact success probabilities from the model)"""
-    seed: int = 0
+    gamma: Annotated[float, Range(ge=0, le=0.9999)] = 0.99
+    """discount factor. Kept below 1: at gamma = 1 a greedy policy may pick a tied action that loops
+    forever (on the non-slippery map every move that can still reach the goal is worth 1), and the
+    linear solve of I - P_pi is then singular; 0.9999 already looks 10^4 steps ahead (time limit: 100)"""
+    theta: Annotated[float, Range(ge=1e-15, le=1)] = 1e-11
+    """stop when the largest Bellman residual of a sweep falls below this (values are <= 1: a smaller
+    theta is below float64 rounding and would only run to max_sweeps)"""
+    max_sweeps: Annotated[int, Range(ge=1, le=1_000_000)] = 100_000
+    """safety cap on sweeps for value iteration and each policy evaluation (~30 us a sweep)"""
+    eval_episodes: Annotated[int, Range(ge=2, le=1_000_000)] = 2000
+    """episodes of the greedy (and of a random) policy played in the real gymnasium env (>= 2 for a
+    standard error; ~2 ms per greedy + random pair on 4x4)"""
+    gamma_sweep: Annotated[tuple[float, ...], Range(ge=0, le=0.9999)] = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
+    """discounts for the success-vs-gamma curve (exact success probabilities from the model; below 1
+    like gamma, and the plot's x axis is log(1 - gamma))"""
+    seed: Seed = 0
     """seed of the evaluation episodes"""
 
 

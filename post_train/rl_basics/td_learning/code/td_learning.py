@@ -19,43 +19,78 @@ gamma = 1 in both experiments (episodic tasks; the random walk's closed-form tru
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import gymnasium as gym
 import matplotlib.pyplot as plt
 import numpy as np
 
+from core.config import Range, Seed
 from core.run_context import generator_state, set_generator_state
+
+
+# Limits of the cross-field rules in Config.problems (memory and run time on a laptop)
+PREDICTION_EPISODES_MAX = 50_000  # default 1,000
+PREDICTION_CELLS_MAX = 500_000  # default 12,000 (100 runs x 8 lambdas x 15 alphas); ~0.5 GB at the cap
+PREDICTION_WORK_MAX = 10_000_000  # default 120,000: ~3 s; the cap is a few minutes
+CONTROL_EPISODES_MAX = 500_000  # default 25,000: ~80 s; the cap is about half an hour
 
 
 @dataclass
 class Config:
     # --- prediction: TD(lambda) on the 19-state random walk ---
-    lambdas: tuple[float, ...] = (0.0, 0.4, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0)
+    lambdas: Annotated[tuple[float, ...], Range(ge=0, le=1)] = (0.0, 0.4, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0)
     """trace-decay rates, one RMS-vs-alpha curve each (must include 0, 1 and something in between)"""
-    alphas: tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
-                                 0.6, 0.8, 1.0)
-    """prediction step sizes swept for every lambda"""
-    prediction_runs: int = 100
+    alphas: Annotated[tuple[float, ...], Range(gt=0, le=1)] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15,
+                                                             0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+    """prediction step sizes swept for every lambda (a tabular step above 1 overshoots the target)"""
+    prediction_runs: Annotated[int, Range(ge=1, le=10_000)] = 100
     """independent runs; each draws its own episodes, shared by every (lambda, alpha) of that run"""
-    prediction_episodes: int = 10
+    prediction_episodes: Annotated[int, Range(ge=1, le=10_000)] = 10
     """episodes per run; the RMS error is averaged over the end of each of them"""
     # --- control: SARSA vs Q-learning on CliffWalking-v1 ---
-    episodes: int = 500
+    episodes: Annotated[int, Range(ge=1, le=100_000)] = 500
     """control episodes per run and algorithm"""
-    alpha: float = 0.5
+    alpha: Annotated[float, Range(gt=0, le=1)] = 0.5
     """control step size (SARSA and Q-learning)"""
-    epsilon: float = 0.1
-    """exploration rate of the epsilon-greedy behaviour policy"""
-    control_runs: int = 50
+    epsilon: Annotated[float, Range(ge=0, le=1)] = 0.1
+    """exploration rate of the epsilon-greedy behaviour policy (near 1 the agent walks at random:
+    CliffWalking-v1 has no time limit and a random episode lasts ~6000 steps, ~200x slower)"""
+    control_runs: Annotated[int, Range(ge=1, le=1_000)] = 50
     """independent control runs per algorithm (the online returns are averaged over them)"""
-    skip_episodes: int = 50
+    skip_episodes: Annotated[int, Range(ge=0, le=99_999)] = 50
     """early episodes left out of the mean online return (both algorithms still exploring blindly)"""
-    seed: int = 0
+    seed: Seed = 0
     """seed of the random-walk episodes and of every run's epsilon-greedy generator"""
     resume: bool = False
     """continue the control loop from this preset's checkpoint, if there is one"""
-    checkpoint_every: int = 50
+    checkpoint_every: Annotated[int, Range(ge=0, le=100_000)] = 50
     """save a checkpoint every this many control episodes (0: never)"""
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        out = []
+        lam = self.lambdas
+        if not (0.0 in lam and 1.0 in lam and any(0 < x < 1 for x in lam)):
+            out.append(f"lambdas must include 0, 1 and a value in between, got {','.join(f'{x:g}' for x in lam)}")
+        if self.skip_episodes >= self.episodes:
+            out.append(f"skip_episodes={self.skip_episodes} must be below episodes={self.episodes}")
+        # the walks are one padded (runs, steps) stream, ~100 steps an episode (~40 bytes a step)
+        if self.prediction_runs * self.prediction_episodes > PREDICTION_EPISODES_MAX:
+            out.append(f"prediction_runs x prediction_episodes = {self.prediction_runs * self.prediction_episodes}"
+                       f" exceeds {PREDICTION_EPISODES_MAX} random-walk episodes (memory)")
+        # td_lambda keeps V and z of 21 states for every (run, lambda, alpha) cell
+        cells = self.prediction_runs * len(self.lambdas) * len(self.alphas)
+        if cells > PREDICTION_CELLS_MAX:
+            out.append(f"prediction_runs x len(lambdas) x len(alphas) = {cells} exceeds {PREDICTION_CELLS_MAX} "
+                       f"(memory)")
+        elif cells * self.prediction_episodes > PREDICTION_WORK_MAX:
+            out.append(f"prediction_runs x len(lambdas) x len(alphas) x prediction_episodes = "
+                       f"{cells * self.prediction_episodes} exceeds {PREDICTION_WORK_MAX} (run time)")
+        if self.control_runs * self.episodes > CONTROL_EPISODES_MAX:
+            out.append(f"control_runs x episodes = {self.control_runs * self.episodes} exceeds "
+                       f"{CONTROL_EPISODES_MAX} (run time: ~3 ms each at epsilon 0.1)")
+        return out
 
 
 # --- 1. prediction: TD(lambda) on the 19-state random walk -----------------------------------------
@@ -236,14 +271,17 @@ def train_control(cfg: Config, ctx, seed_seq: np.random.SeedSequence) -> tuple[g
     rngs = [[np.random.default_rng(s) for s in run_seq.spawn(len(ALGORITHMS))]
             for run_seq in seed_seq.spawn(cfg.control_runs)]
     start = 0
-    loaded = ctx.load_checkpoint()
+    loaded = ctx.load_checkpoint(cfg.episodes)
     if loaded is not None:
         start, state = loaded
-        Q[:] = state["q"].numpy()
-        returns[:] = state["returns"].numpy()
-        for run_rngs, run_states in zip(rngs, state["rngs"]):
-            for rng, rng_state in zip(run_rngs, run_states):
-                set_generator_state(rng, rng_state)
+        with ctx.restoring():  # a state that does not fit this run is a clear error (numpy would broadcast it)
+            for name, array in (("q", Q), ("returns", returns)):
+                if tuple(state[name].shape) != array.shape:
+                    raise ValueError(f"{name} has shape {tuple(state[name].shape)}, this run's is {array.shape}")
+                array[:] = state[name].numpy()
+            for run_rngs, run_states in zip(rngs, state["rngs"], strict=True):
+                for rng, rng_state in zip(run_rngs, run_states, strict=True):
+                    set_generator_state(rng, rng_state)
 
     for episode in ctx.track(range(start, cfg.episodes), "SARSA / Q-learning episodes", cfg.episodes - start):
         for run in range(cfg.control_runs):
@@ -313,11 +351,9 @@ def plot_greedy_paths(paths: dict[str, tuple[float, list[int]]]):
 
 # --- the run ---------------------------------------------------------------------------------------
 def run(cfg: Config, ctx) -> dict[str, float]:
+    if problems := cfg.problems():  # build_config refuses these already; this guards a direct call
+        raise ValueError("; ".join(problems))
     lambdas = np.asarray(cfg.lambdas)
-    if not (0.0 in cfg.lambdas and 1.0 in cfg.lambdas and ((lambdas > 0) & (lambdas < 1)).any()):
-        raise ValueError(f"lambdas must include 0, 1 and a value in between, got {cfg.lambdas}")
-    if cfg.skip_episodes >= cfg.episodes:
-        raise ValueError(f"skip_episodes ({cfg.skip_episodes}) must be below episodes ({cfg.episodes})")
     walk_seed, control_seed = np.random.SeedSequence(cfg.seed).spawn(2)
 
     # Control first: it is the checkpointed part. A resumed run gets back the tables logged up to

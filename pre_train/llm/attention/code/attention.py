@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.artifacts import UserError
+from core.config import Range, Seed
 from core.data.corpus import TokenBins, generate_stories, split_documents, unigram_entropy, write_token_bins
 from core.data.tokenizer import load_tokenizer
 from core.nn.attention import tensor_bytes
@@ -43,46 +46,78 @@ LABELS = {"llama": "MHA", "gqa": "GQA", "mqa": "MQA", "mla": "MLA", "moba": "MoB
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: Seed = 0
     """seeds the corpus split, the weights and the batches (identical for every architecture)"""
-    n_stories: int = 1500
+    n_stories: Annotated[int, Range(ge=2, le=100_000)] = 1500
     """generated stories (core/data/corpus.py), split by document into train / val"""
-    val_fraction: float = 0.1
+    val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1
     """fraction of the stories held out for the val loss"""
-    vocab_size: int = 512
+    vocab_size: Annotated[int, Range(ge=384, le=8192)] = 512
     """sentencepiece vocabulary (trained on demand by core/data/tokenizer.py and cached)"""
-    n_layer: int = 2
+    n_layer: Annotated[int, Range(ge=1, le=48)] = 2
     """transformer blocks (the same for every architecture)"""
-    n_embd: int = 128
+    n_embd: Annotated[int, Range(ge=8, le=1024)] = 128
     """model width d_model"""
-    n_head: int = 4
+    n_head: Annotated[int, Range(ge=1, le=64)] = 4
     """query heads; head_dim = n_embd / n_head"""
-    gqa_kv_heads: int = 2
+    gqa_kv_heads: Annotated[int, Range(ge=1, le=64)] = 2
     """kv heads of the GQA variant (MHA: n_head, MQA: 1)"""
-    kv_lora_rank: int = 64
+    kv_lora_rank: Annotated[int, Range(ge=1, le=1024)] = 64
     """MLA latent rank d_c (the cached latent per token)"""
-    block_size: int = 128
+    block_size: Annotated[int, Range(ge=8, le=2048)] = 128
     """context length of training windows (also the longest generation)"""
-    sparse_block: int = 16
+    sparse_block: Annotated[int, Range(ge=1, le=1024)] = 16
     """MoBA block size and NSA compression/selection block size"""
-    sparse_top_k: int = 2
+    sparse_top_k: Annotated[int, Range(ge=1, le=2048)] = 2
     """blocks each query picks (MoBA: current block included; NSA: earlier blocks)"""
-    nsa_window: int = 32
+    nsa_window: Annotated[int, Range(ge=1, le=2048)] = 32
     """NSA sliding-window branch length"""
-    steps: int = 300
+    steps: Annotated[int, Range(ge=1, le=1_000_000)] = 300
     """AdamW steps per architecture"""
-    batch_size: int = 16
+    batch_size: Annotated[int, Range(ge=1, le=1024)] = 16
     """windows per step"""
-    lr: float = 3e-3
+    lr: Annotated[float, Range(gt=0, le=1)] = 3e-3
     """peak learning rate (linear warmup, cosine decay to 10%)"""
-    warmup: int = 20
+    warmup: Annotated[int, Range(ge=0, le=1_000_000)] = 20
     """linear warmup steps"""
-    weight_decay: float = 0.1
+    weight_decay: Annotated[float, Range(ge=0, le=1)] = 0.1
     """AdamW decoupled weight decay"""
-    eval_batches: int = 8
+    eval_batches: Annotated[int, Range(ge=1, le=1000)] = 8
     """val batches (the same windows for every architecture)"""
-    decode_tokens: int = 100
+    decode_tokens: Annotated[int, Range(ge=1, le=2048)] = 100
     """tokens generated greedily with the KV cache for the decode-speed measurement"""
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        found = []
+        if max(1, round(self.val_fraction * self.n_stories)) >= self.n_stories:  # as split_documents counts
+            found.append(f"val_fraction={self.val_fraction} of n_stories={self.n_stories} leaves no training story")
+        if self.decode_tokens >= self.block_size:
+            found.append(f"decode_tokens={self.decode_tokens} must be below block_size={self.block_size}: "
+                         f"the prompt token and the generated ones share one context")
+        n_blocks = self.block_size // self.sparse_block
+        if n_blocks < 3:
+            found.append(f"block_size={self.block_size} holds {n_blocks} block(s) of sparse_block={self.sparse_block}: "
+                         f"sparse attention needs at least 3 to select among")
+        elif self.sparse_top_k > n_blocks - 2:
+            found.append(f"sparse_top_k={self.sparse_top_k} must be at most {n_blocks - 2} with {n_blocks} blocks "
+                         f"(block_size / sparse_block): NSA would select every earlier block, i.e. dense attention")
+        if self.nsa_window > self.block_size:
+            found.append(f"nsa_window={self.nsa_window} exceeds block_size={self.block_size}")
+        if (logits := self.batch_size * self.block_size * self.vocab_size) > MAX_BATCH_LOGITS:
+            found.append(f"batch_size x block_size x vocab_size = {logits:,} logits per batch, over "
+                         f"{MAX_BATCH_LOGITS:,} (GBs of memory): lower one of them")
+        for arch in ARCHS:  # the shapes every architecture's layers must take (core/nn/model.py)
+            try:
+                model_config(arch, self, self.vocab_size)  # the tokenizer has exactly vocab_size ids
+            except ValueError as exc:
+                found.append(f"{exc} (arch={arch})")
+                break
+        return found
+
+
+MAX_BATCH_LOGITS = 2 ** 28
+"""fp32 logits of one batch (1 GiB)"""
 
 
 def model_config(arch: str, cfg: Config, vocab_size: int):
@@ -159,8 +194,13 @@ def build_token_bins(cfg: Config, ctx) -> tuple[TokenBins, int, int]:
     train_docs, val_docs = split_documents(generate_stories(cfg.n_stories, cfg.seed), cfg.val_fraction, cfg.seed)
     folder = ctx.path("data/train.bin").parent
     ctx.path("data/val.bin")
-    return write_token_bins(folder, {"train": train_docs, "val": val_docs}, tok.encode, tok.eos_id), \
-        tok.vocab_size, tok.bos_id
+    bins = write_token_bins(folder, {"train": train_docs, "val": val_docs}, tok.encode, tok.eos_id)
+    for split in ("train", "val"):
+        if len(bins.splits[split]) <= cfg.block_size:
+            raise UserError(f"the {split} split has {len(bins.splits[split])} tokens, not more than "
+                            f"block_size={cfg.block_size}: raise n_stories or "
+                            + ("val_fraction" if split == "val" else "lower val_fraction"))
+    return bins, tok.vocab_size, tok.bos_id
 
 
 def run(cfg: Config, ctx) -> dict:

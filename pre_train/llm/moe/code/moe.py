@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.config import Range, Seed
 from core.nn.moe import MoE
 
 VARIANTS = ("no_aux", "aux", "deepseek")
@@ -39,46 +41,59 @@ VARIANTS = ("no_aux", "aux", "deepseek")
 
 @dataclass
 class Config:
-    vocab_size: int = 32
+    vocab_size: Annotated[int, Range(ge=2, le=256)] = 32
     """tokens of the synthetic Markov source"""
-    dirichlet_alpha: float = 0.1
+    dirichlet_alpha: Annotated[float, Range(ge=1e-3, le=100)] = 0.1
     """concentration of each context's next-token distribution (small: few likely successors)"""
-    zipf_exponent: float = 1.0
+    zipf_exponent: Annotated[float, Range(ge=0, le=4)] = 1.0
     """token frequencies follow a Zipf law 1 / rank^s, as in natural text (0: all tokens alike)"""
-    train_tokens: int = 200_000
+    train_tokens: Annotated[int, Range(ge=100, le=5_000_000)] = 200_000
     """length of the generated training sequence"""
-    val_tokens: int = 20_000
+    val_tokens: Annotated[int, Range(ge=100, le=100_000)] = 20_000
     """length of the generated validation sequence"""
-    d_model: int = 32
+    d_model: Annotated[int, Range(ge=1, le=256)] = 32
     """residual width"""
-    d_hidden: int = 32
+    d_hidden: Annotated[int, Range(ge=1, le=1024)] = 32
     """hidden width of one (Mixtral-style) expert"""
-    n_experts: int = 8
+    n_experts: Annotated[int, Range(ge=2, le=64)] = 8
     """routed experts of the Mixtral-style variants"""
-    top_k: int = 1
+    top_k: Annotated[int, Range(ge=1, le=64)] = 1
     """experts per token of the no_aux / aux variants (Switch: 1; Mixtral: 2)"""
     renormalize: bool = False
     """Mixtral: top-k weights renormalised to sum to 1 (no_aux / aux variants). Keep false at top_k=1:
     renormalised top-1 weights are constant 1 and the router gets no task gradient"""
-    fine_grained_split: int = 2
+    fine_grained_split: Annotated[int, Range(ge=1, le=8)] = 2
     """DeepSeekMoE split m: m * n_experts experts of width d_hidden / m"""
-    n_shared: int = 1
+    n_shared: Annotated[int, Range(ge=0, le=64)] = 1
     """DeepSeekMoE shared experts (each of width d_hidden / m); they take shared slots out of m * top_k"""
-    aux_coef: float = 0.1
+    aux_coef: Annotated[float, Range(ge=0, le=10)] = 0.1
     """weight of the load-balancing loss in the aux and deepseek variants (Switch used 0.01 over far
     more steps; 0.01 is too weak to undo the collapse within this budget)"""
-    steps: int = 1500
+    steps: Annotated[int, Range(ge=1, le=1_000_000)] = 1500
     """optimizer steps per variant"""
-    batch_size: int = 256
+    batch_size: Annotated[int, Range(ge=1, le=65536)] = 256
     """(context, next token) pairs per step"""
-    lr: float = 3e-3
+    lr: Annotated[float, Range(gt=0, le=1)] = 3e-3
     """Adam learning rate"""
-    log_every: int = 25
+    log_every: Annotated[int, Range(ge=1, le=1_000_000)] = 25
     """steps between load measurements on the validation set"""
-    capacity_factors: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+    capacity_factors: Annotated[tuple[float, ...], Range(gt=0, le=64)] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
     """capacity factors evaluated after training"""
-    seed: int = 0
+    seed: Seed = 0
     """seed of the Markov source, the data and (through execute) the weights"""
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        found = []
+        if self.top_k > self.n_experts:
+            found.append(f"top_k={self.top_k} must not exceed n_experts={self.n_experts}")
+        m = self.fine_grained_split
+        if self.d_hidden % m:
+            found.append(f"d_hidden={self.d_hidden} must divide into fine_grained_split={m} equal experts")
+        if self.n_shared >= m * self.top_k:
+            found.append(f"n_shared={self.n_shared} must be below fine_grained_split x top_k = {m * self.top_k}: "
+                         f"the deepseek variant needs a routed expert among its active slots")
+        return found
 
 
 # --- data: an order-2 Markov source -------------------------------------------------------------

@@ -28,7 +28,7 @@ import re
 import resource
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from core.artifacts import UserError, atomic_write_text
+from core.config import InsideWorkdir, Range, Seed
 from core.data.corpus import TokenBins, load_stories, split_documents, unigram_entropy, write_token_bins
 from core.data.tokenizer import Tokenizer, load_tokenizer
 from core.distributed import barrier, init_distributed
@@ -52,66 +53,92 @@ class Config:
     """model family member (core/nn/model.py NAMED_CONFIGS), scaled to n_layer / n_embd / n_head"""
     source: Literal["generated", "tinystories"] = "generated"
     """corpus: the offline story generator, or the real TinyStories (downloads ~19 MB once)"""
-    n_stories: int = 12000
+    n_stories: Annotated[int, Range(ge=2, le=100_000)] = 12000
     """stories in the corpus (~620 bytes each from the generator)"""
-    val_fraction: float = 0.05
+    val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.05
     """fraction of whole stories held out for the val loss"""
-    cache_dir: str = "output/datasets"
+    cache_dir: Annotated[str, InsideWorkdir()] = "output/datasets"
     """where a downloaded corpus is cached (relative to the work dir)"""
-    vocab_size: int = 4096
+    vocab_size: Annotated[int, Range(ge=384, le=8192)] = 4096
     """sentencepiece vocabulary (the tokenizer module's model, or one trained on demand)"""
-    n_layer: int = 4
+    n_layer: Annotated[int, Range(ge=1, le=48)] = 4
     """transformer blocks"""
-    n_embd: int = 192
+    n_embd: Annotated[int, Range(ge=8, le=1024)] = 192
     """model width d_model"""
-    n_head: int = 6
+    n_head: Annotated[int, Range(ge=1, le=64)] = 6
     """query heads (head_dim = n_embd / n_head)"""
-    block_size: int = 128
+    block_size: Annotated[int, Range(ge=32, le=2048)] = 128
     """context length T of the training windows"""
-    steps: int = 500
+    steps: Annotated[int, Range(ge=1, le=1_000_000)] = 500
     """optimizer steps"""
-    batch_size: int = 32
+    batch_size: Annotated[int, Range(ge=1, le=1024)] = 32
     """global batch: windows per optimizer step, over all ranks and micro-batches"""
-    grad_accum: int = 1
+    grad_accum: Annotated[int, Range(ge=1, le=1024)] = 1
     """micro-batches per optimizer step on each rank (batch_size / (ranks * grad_accum) windows each)"""
-    lr: float = 3e-3
+    lr: Annotated[float, Range(gt=0, le=1)] = 3e-3
     """peak learning rate"""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
     """the cosine decays to min_lr_ratio * lr at the last step"""
-    warmup: int = 40
+    warmup: Annotated[int, Range(ge=0, le=1_000_000)] = 40
     """linear warmup steps"""
-    weight_decay: float = 0.1
+    weight_decay: Annotated[float, Range(ge=0, le=1)] = 0.1
     """AdamW decoupled weight decay on weight matrices (none on norms, biases, embeddings)"""
-    beta1: float = 0.9
+    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
     """AdamW first-moment decay"""
-    beta2: float = 0.95
+    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.95
     """AdamW second-moment decay (0.95 rather than 0.999: steadier with small batches)"""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, Range(ge=0, le=100)] = 1.0
     """clip the global gradient norm to this (0 = no clipping)"""
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: Annotated[float, Range(ge=0, le=10)] = 0.01
     """weight of the MoE load-balancing loss (moe, deepseek_v2 archs)"""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """bf16 runs the forward under torch.autocast (weights and optimizer stay fp32)"""
     compile: bool = False
     """torch.compile the model for training (needs a C++ compiler on CPU; the first steps compile)"""
-    eval_every: int = 100
+    eval_every: Annotated[int, Range(ge=1, le=1_000_000)] = 100
     """steps between val-loss measurements"""
-    eval_batches: int = 8
+    eval_batches: Annotated[int, Range(ge=1, le=1000)] = 8
     """val batches per measurement (the same windows every time)"""
-    n_samples: int = 4
+    n_samples: Annotated[int, Range(ge=1, le=64)] = 4
     """stories generated at the end (one per prompt, cycling through PROMPTS)"""
-    sample_tokens: int = 120
+    sample_tokens: Annotated[int, Range(ge=1, le=2048)] = 120
     """tokens generated per sample (stops early at <eos>)"""
-    temperature: float = 0.8
-    """sampling temperature of the samples"""
-    top_k: int = 40
+    temperature: Annotated[float, Range(ge=0, le=10)] = 0.8
+    """sampling temperature of the samples (0 = greedy)"""
+    top_k: Annotated[int, Range(ge=1, le=8192)] = 40
     """top-k filter of the samples"""
-    checkpoint_every: int = 100
+    checkpoint_every: Annotated[int, Range(ge=1, le=1_000_000)] = 100
     """steps between resumable checkpoints"""
     resume: bool = False
     """continue from the checkpoint of an interrupted run"""
-    seed: int = 0
+    seed: Seed = 0
     """seeds the corpus, the split, the weights, the batches and the samples"""
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        found = []
+        if max(1, round(self.val_fraction * self.n_stories)) >= self.n_stories:  # as split_documents counts
+            found.append(f"val_fraction={self.val_fraction} of n_stories={self.n_stories} leaves no training story")
+        if self.batch_size % self.grad_accum:
+            found.append(f"batch_size={self.batch_size} must divide into grad_accum={self.grad_accum} equal "
+                         f"micro-batches")
+        if self.sample_tokens >= self.block_size:
+            found.append(f"sample_tokens={self.sample_tokens} must be below block_size={self.block_size}: "
+                         f"the prompt and the sample share one context")
+        if 0 < self.temperature < 0.01:
+            found.append(f"temperature={self.temperature} overflows the scaled logits: 0 (greedy) or at least 0.01")
+        if (logits := self.batch_size * self.block_size * self.vocab_size) > MAX_BATCH_LOGITS:
+            found.append(f"batch_size x block_size x vocab_size = {logits:,} logits per batch, over "
+                         f"{MAX_BATCH_LOGITS:,} (GBs of memory): lower one of them")
+        try:
+            model_config(self, self.vocab_size)  # the tokenizer has exactly vocab_size ids
+        except UserError as exc:
+            found.append(str(exc))
+        return found
+
+
+MAX_BATCH_LOGITS = 2 ** 28
+"""fp32 logits of one batch (1 GiB; the val batch is not split into micro-batches)"""
 
 
 PROMPTS = ("Once upon a time,", "One day, there was", "Long ago, there was a little", "There was once a")
@@ -137,7 +164,8 @@ def prepare_data(cfg: Config, ctx) -> tuple[TokenBins, Tokenizer, list[str]]:
     for split in ("train", "val"):
         if len(bins.splits[split]) <= cfg.block_size:
             raise UserError(f"the {split} split has {len(bins.splits[split])} tokens, not more than "
-                            f"block_size={cfg.block_size}: raise n_stories or val_fraction")
+                            f"block_size={cfg.block_size}: raise n_stories or "
+                            + ("val_fraction" if split == "val" else "lower val_fraction"))
     return bins, tok, train_docs
 
 
@@ -265,12 +293,10 @@ def train_step(model, raw: Transformer, opt: torch.optim.Optimizer, bins: TokenB
 
 
 def check_batch(cfg: Config, world: int) -> None:
+    """The one rule that needs the world size (Config.problems checks the single-process split)."""
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"batch_size={cfg.batch_size} must divide into {world} rank(s) x grad_accum="
                         f"{cfg.grad_accum} equal micro-batches")
-    for field in ("steps", "eval_every", "checkpoint_every", "eval_batches", "grad_accum"):
-        if getattr(cfg, field) < 1:
-            raise UserError(f"{field} must be at least 1, got {getattr(cfg, field)}")
 
 
 def run(cfg: Config, ctx) -> dict:
@@ -286,13 +312,14 @@ def run(cfg: Config, ctx) -> dict:
     vocabulary = {w for d in train_docs for w in WORD.findall(d.lower())}
     train_repeats = word_repeat_fraction(train_docs)  # 0.0 on ranks > 0 (no documents): rank 0 reports
 
-    resumed = ctx.load_checkpoint()
+    resumed = ctx.load_checkpoint(cfg.steps)
     if resumed:
         start, state = resumed
-        raw.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        batches.set_state(state["batches"])
-        untrained = state["untrained"]
+        with ctx.restoring(opt):
+            raw.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            batches.set_state(state["batches"])
+            untrained = {k: float(state["untrained"][k]) for k in ("val_loss", "known_words")}
     else:
         start = 0
         untrained = {"val_loss": evaluate(raw, bins, cfg, device), "known_words": 0.0}

@@ -16,12 +16,13 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Annotated, Callable, Literal, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from core.artifacts import atomic_write, atomic_write_text
+from core.artifacts import UserError, atomic_write, atomic_write_text
+from core.config import InsideWorkdir, Length, Range, Seed
 from core.data.corpus import load_stories, split_documents
 from core.data.tokenizer import MODEL_FILE, SPECIAL_TOKENS, Tokenizer, train_sentencepiece
 from core.paths import workdir
@@ -33,20 +34,30 @@ from .bpe import ByteBPE
 class Config:
     source: Literal["generated", "tinystories"] = "generated"
     """corpus: the offline story generator, or the real TinyStories (downloads ~19 MB once)"""
-    n_stories: int = 6000
+    n_stories: Annotated[int, Range(ge=2, le=100_000)] = 6000
     """stories in the corpus (~620 bytes each for the generator)"""
-    val_fraction: float = 0.05
+    val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.05
     """fraction of whole stories held out for the measurements"""
-    vocab_size: int = 4096
+    vocab_size: Annotated[int, Range(ge=384, le=65536)] = 4096
     """vocabulary of both tokenizers (bytes, special tokens and merged tokens together)"""
-    vocab_sweep: tuple[int, ...] = (512, 1024, 2048)
+    vocab_sweep: Annotated[tuple[int, ...], Range(ge=384, le=65536), Length(1, 16)] = (512, 1024, 2048)
     """extra vocabulary sizes for the compression-vs-vocabulary curve"""
-    n_samples: int = 4
+    n_samples: Annotated[int, Range(ge=0, le=64)] = 4
     """validation sentences shown segmented by both tokenizers"""
-    cache_dir: str = "output/datasets"
+    cache_dir: Annotated[str, InsideWorkdir()] = "output/datasets"
     """where a downloaded corpus is cached (relative to the work dir)"""
-    seed: int = 0
+    seed: Seed = 0
     """seed of the generated corpus and of the train/val split"""
+
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own range is in its annotation)."""
+        found = []
+        if max(1, round(self.val_fraction * self.n_stories)) >= self.n_stories:  # as split_documents counts
+            found.append(f"val_fraction={self.val_fraction} of n_stories={self.n_stories} leaves no training story")
+        if min(self.vocab_sweep) >= self.vocab_size:
+            found.append(f"vocab_sweep={','.join(map(str, self.vocab_sweep))} needs a size below vocab_size="
+                         f"{self.vocab_size}: the compression check compares against the smallest")
+        return found
 
 
 TRICKY_SAMPLE = "<|user|>Is café 2024 ok?  Yes!<|end|><eos>"
@@ -96,7 +107,7 @@ def show(pieces: list[bytes]) -> str:
 def hardest_sentence(doc: str, bpe: ByteBPE) -> str:
     """The sentence of `doc` (30+ characters) with the fewest bytes per token: where the vocabulary
     runs out (rare names)."""
-    sentences = [s for line in doc.split("\n") for s in re.split(r"(?<=[.!?\"]) ", line) if len(s) >= 30]
+    sentences = [s for line in doc.split("\n") for s in re.split(r"(?<=[.!?\"]) ", line) if len(s) >= 30] or [doc]
     return min(sentences, key=lambda s: (len(s.encode()) / len(bpe.encode(s)), s))
 
 
@@ -104,7 +115,16 @@ def train_both(train: list[str], vocab_size: int) -> tuple[ByteBPE, Tokenizer, f
     t0 = time.perf_counter()
     bpe = ByteBPE.train(train, vocab_size)
     t1 = time.perf_counter()
-    spm = Tokenizer(train_sentencepiece(train, vocab_size))
+    try:
+        spm = Tokenizer(train_sentencepiece(train, vocab_size))
+    except RuntimeError as exc:  # the limits depend on the corpus: sentencepiece finds them as it reads it
+        high = re.search(r"value <= (\d+)", str(exc))
+        low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(exc))
+        if not (high or low):
+            raise
+        raise UserError(f"sentencepiece can make {f'at most {high[1]}' if high else f'no fewer than {low[1]}'} "
+                        f"pieces from {len(train)} training {'story' if len(train) == 1 else 'stories'}, not {vocab_size}: "
+                        f"change vocab_size, vocab_sweep or n_stories") from None
     return bpe, spm, t1 - t0, time.perf_counter() - t1
 
 
