@@ -6,6 +6,7 @@
          One line says what and where; no traceback.
     3    an internal error, i.e. a bug: the traceback goes to a log file and one line says where
     130  interrupted (Ctrl-C)
+    141  the reader of the output went away (`... | head`): stopped quietly, as `cat` would (128 + SIGPIPE)
 
 A command's `main` raises; `guard` maps what it raised to a status. Bad input is any `UserError`
 (core.artifacts: every domain error the user can act on derives from it) or an OSError that says the
@@ -14,6 +15,7 @@ environment refused (permission, read-only, disk full, ...).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
@@ -27,7 +29,7 @@ from core.artifacts import atomic_write_text
 from core.errors import UserError
 from core.paths import workdir
 
-OK, CHECK_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED = 0, 1, 2, 3, 130
+OK, CHECK_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED, PIPE_CLOSED = 0, 1, 2, 3, 130, 141
 
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EEXIST,
                       errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE}
@@ -62,10 +64,16 @@ def guard(main: Callable[[], int], crash_log: Callable[[], Path], interrupted: s
     that takes the traceback of an internal error (asked only then); if it cannot be written, a
     file in the system's temp dir takes it."""
     try:
-        return main()
+        status = main()
+        sys.stdout.flush()  # a closed pipe shows here, inside the contract, not at interpreter exit
+        return status
     except UserError as exc:
         say_error(str(exc))
         return BAD_INPUT
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no second error when stdout is flushed at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return PIPE_CLOSED
     except OSError as exc:
         if exc.errno not in ENVIRONMENT_ERRNOS:
             return _internal_error(crash_log)

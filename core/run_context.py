@@ -480,7 +480,13 @@ def latest_run(module: str, preset: str) -> dict[str, Any] | None:
     if entry is None:
         return None
     run_json = workdir() / entry["out_dir"] / "run.json"
-    return artifacts.read_json(run_json) if run_json.exists() else None
+    if not run_json.exists():
+        return None
+    record = artifacts.read_json(run_json)
+    kinds = {"run_id": str, "status": str, "config": dict, "metrics": dict, "checks": list, "seed": int}
+    if not isinstance(record, dict) or any(not isinstance(record.get(k), kind) for k, kind in kinds.items()):
+        raise CorruptArtifact(f"{run_json}: not a run record (needs {', '.join(kinds)}); rerun the module to replace it")
+    return record
 
 
 def upstream_models(ctx: RunContext, name: str) -> Path:

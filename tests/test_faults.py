@@ -227,6 +227,13 @@ def test_a_bug_in_a_module_is_exit_3_with_the_traceback_in_the_crashed_folder(qu
     assert (workdir / mdp.rel_path / "output" / "toy" / "run.json").read_text() == before, "the previous run is intact"
 
 
+def test_a_closed_output_pipe_stops_quietly(capsys):
+    def main():
+        raise BrokenPipeError(32, "Broken pipe")  # what print() raises once `| head` has gone
+    assert cli.guard(main, cli.crash_log("test")) == cli.PIPE_CLOSED
+    assert capsys.readouterr().err == ""
+
+
 def test_an_interrupted_run_leaves_the_previous_run_and_no_staging_folder(quick_mdp, workdir, monkeypatch, capsys):
     mdp = quick_mdp
     assert run.main(["--module", "mdp", "--toy"]) == cli.OK
@@ -286,6 +293,18 @@ def test_a_corrupt_or_hand_edited_run_index_is_reported_and_skipped_by_every_rea
     assert "PASS" in out.out and "rewritten without its unreadable entries" in out.err
     assert set(read_run_index()) == {"mdp"}
     assert (index.parent / "run_index.json.corrupt").read_text() == index_text, "the old index is kept"
+
+
+@pytest.mark.parametrize("record", ["[1, 2]", '{"run_id": "x"}'])
+def test_a_hand_edited_run_record_is_one_error_naming_the_file(quick_mdp, workdir, capsys, record):
+    from scripts import interview_brief
+    assert run.main(["--module", "mdp", "--toy"]) == cli.OK
+    run_json = workdir / quick_mdp.rel_path / "output" / "toy" / "run.json"
+    run_json.write_text(record)
+    capsys.readouterr()
+    assert interview_brief.main(["--module", "mdp"]) == cli.BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(run_json) in err[0] and "not a run record" in err[0]
 
 
 def test_a_finished_run_prints_its_result_even_when_the_index_cannot_be_written(quick_mdp, workdir, capsys, monkeypatch):
@@ -393,54 +412,83 @@ def assert_one_whole_run(folder: Path, seeds: set[int]) -> int:
     return record["seed"]
 
 
-SLOW_RUN = """
-import json, sys, time
-print("phase start", time.monotonic(), flush=True)
+KILLABLE_RUN = """
+import json, os, signal, sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
 import run
+from core import artifacts
 from core.registry import Registry
 from post_train.rl_basics.mdp.module import MODULE as mdp  # only this module: no time spent importing the rest
 
 mdp.path = Path({root!r}) / "post_train/rl_basics/mdp"
-registry = Registry({{"mdp": mdp}}, [])
 recorded = json.loads(open({record!r}).read())["runs"]["toy"]["metrics"]
+KILL_AT = os.environ.get("KILL_AT")
 
-def slow_replay(cfg, ctx):  # the platform's part of a run, spread over a second: artifacts, tables, figures
-    print("phase run", time.monotonic(), flush=True)
+
+def die_at(point):
+    if point == KILL_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def replay(cfg, ctx):  # the platform's part of a run: artifacts, tables, figures
     for step in range(10):
         ctx.path(f"figure{{step}}.png").write_bytes(bytes(1000))
         ctx.log("history", step=step, seed=cfg.seed)
-        time.sleep(0.1)
-    print("phase done", time.monotonic(), flush=True)
+        die_at(f"step {{step}}")
     return dict(recorded)
 
-mdp.run = slow_replay
-run.discover = lambda: registry
+
+def then_die(point, function):
+    def wrapped(*args, **kwargs):
+        result = function(*args, **kwargs)
+        die_at(point(*args) if callable(point) else point)
+        return result
+    return wrapped
+
+
+def atomic_write(path, write, original=artifacts.atomic_write):
+    def write_then_die(f):  # the temporary file is written, not yet renamed over the target
+        write(f)
+        f.flush()
+        die_at("writing " + Path(path).name)
+    return original(path, write_then_die)
+
+
+artifacts.atomic_write = atomic_write
+artifacts.write_csv = then_die("history.csv", artifacts.write_csv)
+artifacts.write_json = then_die(lambda path, data: Path(path).name, artifacts.write_json)
+artifacts.commit_run_folder = then_die("swapped", artifacts.commit_run_folder)
+mdp.run = replay
+run.discover = lambda: Registry({{"mdp": mdp}}, [])
 sys.exit(run.main(sys.argv[1:]))
 """
+KILL_POINTS = {  # where the run is kill -9'd -> whether the folder then holds the new run
+    "step 0": False, "writing history.csv": False, "history.csv": False, "writing metrics.json": False,
+    "metrics.json": False, "run.json": False, "swapped": True, "run_index.json": True, "writing run.json": False,
+}
 
 
-def test_runs_killed_at_random_points_leave_the_old_run_or_the_new_one(registry, workdir, tmp_path):
-    script = tmp_path / "slow_run.py"
-    script.write_text(SLOW_RUN.format(root=str(ROOT), record=str(ROOT / "assets/results/mdp.json")))
+def test_runs_killed_at_every_point_leave_the_old_run_or_the_new_one(registry, workdir, tmp_path):
+    script = tmp_path / "killable_run.py"
+    script.write_text(KILLABLE_RUN.format(root=str(ROOT), record=str(ROOT / "assets/results/mdp.json")))
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "FINETUNE_WORKDIR": str(workdir)}
     argv = [str(script), "--module", "mdp", "--toy"]
     status, log = preloaded.run([*argv, "--seed", "0"], ROOT, env, timeout=120)
     assert status == 0, log[-2000:]
     link = workdir / registry.get("mdp").rel_path / "output" / "toy"
     assert_one_whole_run(link, {0})
-    phase = {line.split()[1]: float(line.split()[2]) for line in log.splitlines() if line.startswith("phase ")}
-    # kill anywhere from the run's first artifact to just after its end (the writing and the swap)
-    first, last = phase["run"] - phase["start"], phase["done"] - phase["start"] + 0.5
-    rng = random.Random(13)
-    kills = 0
-    for attempt in range(1, 6):
-        status, _ = preloaded.run([*argv, "--seed", str(attempt)], ROOT, env, timeout=rng.uniform(first, last))
-        kills += status is None
-        seed = assert_one_whole_run(link, set(range(attempt + 1)))
-        assert status is None or seed == attempt, "a finished run is the one the folder holds"
-    assert kills >= 3, "most attempts must be killed mid-run for the test to mean anything"
-    artifacts.sweep_leftovers([workdir])
-    assert list((link.parent / artifacts.RUNS).iterdir()) == [link.resolve()]
+    points = [f"step {random.Random(13).randrange(1, 10)}", *KILL_POINTS]  # a step drawn at random, then each point
+    for seed, point in enumerate(points, start=1):
+        before = assert_one_whole_run(link, set(range(seed)))
+        status, log = preloaded.run([*argv, "--seed", str(seed)], ROOT, {**env, "KILL_AT": point}, timeout=120)
+        assert status == -9, f"{point}: the run was not killed ({status}): {log[-1000:]}"
+        expected = seed if KILL_POINTS.get(point, False) else before
+        assert assert_one_whole_run(link, set(range(seed + 1))) == expected, point
+    assert len(list((link.parent / artifacts.RUNS).iterdir())) == 2 and list(workdir.rglob("*.tmp")), \
+        "the last killed run left its folder and a temp file"
+    status, log = preloaded.run([*argv, "--seed", "99"], ROOT, env, timeout=120)
+    assert status == 0, log[-2000:]
+    assert assert_one_whole_run(link, {99}) == 99
+    assert list((link.parent / artifacts.RUNS).iterdir()) == [link.resolve()], "the next start swept them"
     assert not list(workdir.rglob("*.tmp"))
