@@ -57,8 +57,11 @@ the same thing in code; objects may carry extra keys):
              by that signal), "timed_out": false, "duration_s": 5.1 (wall time of the subprocess,
              interpreter start included), "stdout_tail": "last 40 lines", "stderr_tail": "last 40 lines"}
 
-Regressions, against the newest earlier report for the same preset and schema version (latest.json,
-else the newest smoke_*.json with that preset): a module that was PASS and is not now (`status`);
+Regressions are against a baseline report of the same preset and schema version, the first of: the
+file given with --baseline; the report pinned with --set-baseline (baseline_<preset>.json); the
+newest smoke_*.json of that preset in which every module passed, from a clean git tree (a report of a
+broken or uncommitted tree would turn the fix of a bug into "regressions"). The notes say which one
+was used. A module that was PASS and is not now (`status`);
 a check that passed and now fails (`check`); a metric with |now - before| > max(atol, rtol*|before|)
 (`metric`; fixed seeds make metrics repeat exactly on one machine, the tolerance absorbs float
 differences across machines); a run phase longer than `slowdown` x max(before, min_seconds)
@@ -279,10 +282,10 @@ def _relative(path: Path) -> Path:
 
 def write_report(report: dict[str, Any]) -> Path:
     """Write smoke_<UTC time>.json and latest.json (both atomically); returns the first. A report of
-    zero modules is refused (SmokeError): as latest.json it would leave the next session no baseline."""
+    zero modules is refused (SmokeError): it would replace latest.json with a report of nothing."""
     if not report["modules"]:
         raise SmokeError("a smoke report that covers no module is not written (it would replace "
-                         f"{LATEST}, the next session's baseline)")
+                         f"{LATEST} with a report of nothing)")
     folder = reports_dir()
     created = datetime.fromisoformat(report["created_at"])
     stem = f"smoke_{created:%Y%m%dT%H%M%SZ}"
@@ -297,30 +300,68 @@ def write_report(report: dict[str, Any]) -> Path:
     return path
 
 
-def find_previous(preset: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """The report to compare against: latest.json when it is for `preset`, else the newest
-    smoke_*.json that is. Returns (report or None, notes on what was skipped and why)."""
-    folder = reports_dir()
-    candidates = [folder / LATEST, *sorted(folder.glob("smoke_*.json"), reverse=True)]
-    notes: list[str] = []
-    for path in filter(Path.exists, candidates):
-        try:
-            report = read_json(path)
-        except CorruptArtifact as exc:
-            notes.append(f"skipped unreadable report: {exc}")
+def pinned_baseline_path(preset: str) -> Path:
+    return reports_dir() / f"baseline_{preset}.json"
+
+
+def pin_baseline(report_path: Path, preset: str) -> Path:
+    """--set-baseline: this session's report becomes the baseline of `preset` until pinned again."""
+    return write_json(pinned_baseline_path(preset), read_json(report_path))
+
+
+def _usable(path: Path, preset: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the report at `path`, None) if it can be compared with a session of `preset`; else (None, why)."""
+    try:
+        report = read_json(path)
+    except CorruptArtifact as exc:
+        return None, str(exc)
+    if not isinstance(report, dict) or report.get("preset") != preset:
+        return None, f"{path.name} is not a report of preset {preset!r}"
+    if report.get("schema_version") != SCHEMA_VERSION:
+        return None, f"{path.name} has schema_version {report.get('schema_version')!r}, this is {SCHEMA_VERSION}"
+    errors = validate_report(report)
+    return (None, f"{path.name} does not match the report schema ({errors[0]})") if errors else (report, None)
+
+
+def _passed_on_a_clean_tree(report: dict[str, Any]) -> bool:
+    summary = report["summary"]
+    return (summary["PASS"] == summary["modules"] and not summary["broken_manifests"]
+            and report["git"]["dirty"] is False)
+
+
+def find_previous(preset: str, baseline: Path | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+    """The baseline to compare a session of `preset` against (see the module docstring for the
+    order) and notes that say which one it is and what was skipped. A --baseline file that cannot
+    be used is bad input (SmokeError)."""
+    if baseline is not None:
+        report, why = _usable(baseline, preset)
+        if report is None:
+            raise SmokeError(f"--baseline {baseline}: {why}")
+        return report, [f"baseline: {baseline} (--baseline)"]
+    pinned = pinned_baseline_path(preset)
+    if pinned.exists():
+        report, why = _usable(pinned, preset)
+        if report is not None:
+            return report, [f"baseline: {report['file']}, pinned with --set-baseline ({pinned.name})"]
+        notes = [f"skipped the pinned baseline: {why}"]
+    else:
+        notes = []
+    skipped = 0
+    for path in sorted(reports_dir().glob("smoke_*.json"), reverse=True):
+        report, why = _usable(path, preset)
+        if report is None:
+            if why and "is not a report of preset" not in why:
+                notes.append(f"skipped {why}")
             continue
-        if not isinstance(report, dict) or report.get("preset") != preset:
+        if not _passed_on_a_clean_tree(report):
+            skipped += 1
             continue
-        if report.get("schema_version") != SCHEMA_VERSION:
-            notes.append(f"{path.name} has schema_version {report.get('schema_version')!r}, this is "
-                         f"{SCHEMA_VERSION}: not compared")
-            return None, notes
-        errors = validate_report(report)
-        if errors:
-            notes.append(f"skipped {path.name}: it does not match the report schema ({errors[0]})")
-            continue
-        return report, notes
-    notes.append(f"no earlier report for preset {preset!r}: nothing to compare with")
+        return report, notes + [f"baseline: {path.name}, the newest report of preset {preset!r} in which every "
+                                f"module passed, from a clean tree" + (f" ({skipped} newer ones did not qualify)"
+                                                                        if skipped else "")]
+    notes.append(f"no report of preset {preset!r} in which every module passed on a clean tree"
+                 + (f" ({skipped} did not qualify)" if skipped else "")
+                 + ": nothing to compare with (pin one with --set-baseline, or give --baseline FILE)")
     return None, notes
 
 

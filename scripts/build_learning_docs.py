@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 
 from core.artifacts import atomic_write_text  # noqa: E402
-from core.cli import Parser, crash_log, guard# noqa: E402
+from core.cli import Parser, crash_log, guard  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.registry import discover  # noqa: E402
 from learning.roadmap import load_roadmap, not_on_roadmap, rendered_docs  # noqa: E402

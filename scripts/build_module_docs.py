@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.artifacts import atomic_write_text  # noqa: E402
-from core.cli import Parser, crash_log, guard# noqa: E402
+from core.cli import Parser, crash_log, guard  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.planted_bugs import render_section  # noqa: E402
 from core.registry import Module, discover  # noqa: E402

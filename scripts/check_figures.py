@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.cli import Parser, crash_log, guard# noqa: E402
+from core.cli import Parser, crash_log, guard  # noqa: E402
 from core.registry import discover  # noqa: E402
 from core.results import unrecorded_figures  # noqa: E402
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
 
-from core.cli import Parser, crash_log, guard, path_argument# noqa: E402
+from core.cli import Parser, crash_log, guard, path_argument  # noqa: E402
 from core.contract import LANGS  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.paths import workdir  # noqa: E402

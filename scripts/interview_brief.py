@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.markdown import Markdown  # noqa: E402
 
-from core.cli import Parser, crash_log, guard, path_argument# noqa: E402
+from core.cli import Parser, crash_log, guard, path_argument  # noqa: E402
 from core.contract import LANGS  # noqa: E402
 from core.registry import discover  # noqa: E402
 from learning.briefs import brief_for, check_output, write_text  # noqa: E402

@@ -52,7 +52,7 @@ from rich.markup import escape  # noqa: E402
 from rich.panel import Panel  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from core.cli import Parser, crash_log, guard, path_argument# noqa: E402
+from core.cli import Parser, crash_log, guard, path_argument  # noqa: E402
 from core.contract import LEVELS, Question  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.registry import Registry, discover  # noqa: E402

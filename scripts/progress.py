@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
-from core.cli import Parser, crash_log, guard, path_argument# noqa: E402
+from core.cli import Parser, crash_log, guard, path_argument  # noqa: E402
 from core.registry import discover  # noqa: E402
 from learning.roadmap import ROADMAP_DAYS, print_progress, progress_report  # noqa: E402
 

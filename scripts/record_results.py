@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.artifacts import write_json  # noqa: E402
-from core.cli import Parser, crash_log, guard# noqa: E402
+from core.cli import Parser, crash_log, guard  # noqa: E402
 from core.paths import workdir  # noqa: E402
 from core.registry import Module, discover  # noqa: E402
 from core.results import load_record, record_path, run_record  # noqa: E402

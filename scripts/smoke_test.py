@@ -7,9 +7,10 @@
 
 Runs go to a temporary work dir, so the learner's own runs and run index are untouched. The report
 goes to output/smoke_reports/smoke_<UTC time>.json and latest.json (schema: learning/smoke.py).
-A session must cover at least one module: latest.json is the next session's baseline, and is never
-replaced by an empty report.
-Exit status (core/cli.py): 0 every module PASS and no regression against the previous report, 1
+A session must cover at least one module: latest.json is never replaced by an empty report.
+Regressions are judged against a baseline (learning/smoke.py says which: --baseline FILE, else the one
+pinned with --set-baseline, else the newest report in which every module passed, from a clean tree).
+Exit status (core/cli.py): 0 every module PASS and no regression against the baseline, 1
 otherwise (0 with --allow-fail), 2 bad input (an unknown module, an empty --modules, a preset a
 module lacks, a bad number), 3 an internal error (traceback in output/crash/smoke_test.log),
 130 interrupted (no report written).
@@ -29,7 +30,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.cli import INTERRUPTED, Parser, crash_log, guard# noqa: E402
+from core.cli import INTERRUPTED, Parser, crash_log, guard, path_argument  # noqa: E402
 from core.registry import Module, Registry, discover  # noqa: E402
 from learning import smoke  # noqa: E402
 
@@ -67,6 +68,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--jobs", type=positive(int), default=defaults.jobs, metavar="N",
                    help="modules run in parallel (default: 1; durations are compared only between equal --jobs)")
     p.add_argument("--allow-fail", action="store_true", help="report only: exit 0 on failures and regressions")
+    p.add_argument("--baseline", type=path_argument, metavar="FILE",
+                   help="compare with this report (default: the pinned baseline, else the newest report in "
+                        "which every module passed, from a clean git tree)")
+    p.add_argument("--set-baseline", action="store_true",
+                   help="pin this session's report as the baseline of its preset")
     not_negative = number(float, strict=False)
     p.add_argument("--metric-rtol", type=not_negative, default=defaults.metric_rtol,
                    help=f"relative move of a metric that counts as a regression (default: {defaults.metric_rtol:g})")
@@ -83,7 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def select_modules(registry: Registry, names_arg: str | None, preset: str) -> list[Module]:
     """The modules asked for, in the order named (every module, in registry order, without
     --modules); raises UnknownModule, or SmokeError for a preset a module lacks or a selection of no
-    module (a session must cover one: its report becomes the next session's baseline)."""
+    module (a session must cover one: an empty report would replace latest.json)."""
     if names_arg is None:
         modules = list(registry.modules.values())
         if not modules:
@@ -160,7 +166,7 @@ def smoke_test(argv: list[str]) -> int:
     options = smoke.Options(modules=None if args.modules is None else [m.name for m in modules],
                             timeout_s=args.timeout, jobs=args.jobs, metric_rtol=args.metric_rtol,
                             metric_atol=args.metric_atol, slowdown=args.slowdown, min_seconds=args.min_seconds)
-    previous, notes = smoke.find_previous(args.preset)
+    previous, notes = smoke.find_previous(args.preset, args.baseline)
     console.print(f"smoke test: {len(modules)} module(s), preset {args.preset}, timeout {args.timeout:g} s, "
                   f"{args.jobs} at a time (runs in a temporary work dir)")
     try:
@@ -172,6 +178,9 @@ def smoke_test(argv: list[str]) -> int:
     report = smoke.build_report(entries, args.preset, options, previous, notes, broken)
     path = smoke.write_report(report)
     print_summary(report, path)
+    if args.set_baseline:
+        console.print(f"pinned {path.name} as the baseline of preset {args.preset}: "
+                      f"{smoke.pin_baseline(path, args.preset)}")
     summary = report["summary"]
     verdict = "[green]ok[/]" if summary["ok"] else "[red]NOT OK[/]"
     console.print(f"{verdict}: {summary['PASS']}/{summary['modules']} PASS, {summary['regressions']} regression(s), "

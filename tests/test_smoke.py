@@ -18,9 +18,10 @@ def read_latest(work: Path) -> dict:
     return json.loads((work / "output" / "smoke_reports" / smoke.LATEST).read_text())
 
 
-def plant_latest(work: Path, report: dict) -> None:
-    (work / "output" / "smoke_reports").mkdir(parents=True, exist_ok=True)
-    (work / "output" / "smoke_reports" / smoke.LATEST).write_text(json.dumps(report))
+def plant(path: Path, report: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +64,10 @@ def test_planted_metric_drift_and_slowdown_are_caught(first_run, monkeypatch, ca
     metric = next(k for k, v in gae["metrics"].items() if isinstance(v, float) and abs(v) > 1e-3)
     gae["metrics"][metric] *= 1.5
     gae["run"]["duration_s"] = 0.2  # any real run (interpreter and torch start included) is > 2x that
-    plant_latest(work, planted)
+    baseline = plant(work / "planted.json", planted)
     monkeypatch.setenv("FINETUNE_WORKDIR", str(work))
 
-    assert main(["--modules", "gae", "--jobs", "2", "--min-seconds", "0.1"]) == 1
+    assert main(["--modules", "gae", "--jobs", "2", "--min-seconds", "0.1", "--baseline", str(baseline)]) == 1
     out = capsys.readouterr().out
     regressions = read_latest(work)["comparison"]["regressions"]
     assert {(r["kind"], r["item"]) for r in regressions} == {("metric", metric), ("slowdown", "run")}
@@ -80,7 +81,10 @@ def test_a_timeout_is_a_status_regression_and_allow_fail_only_reports(workdir, f
     _, _, report = first_run
     baseline = copy.deepcopy(report)
     baseline["modules"] = {"advantage": baseline["modules"]["mdp"]}  # advantage "was PASS"
-    plant_latest(workdir, baseline)
+    baseline["summary"]["modules"] = baseline["summary"]["PASS"] = 1
+    baseline["git"]["dirty"] = False
+    baseline["file"] = "smoke_20260101T000000Z.json"
+    plant(workdir / "output" / "smoke_reports" / baseline["file"], baseline)  # found, not given
 
     assert main(["--modules", "advantage", "--timeout", "0.5"]) == 1
     entry = read_latest(workdir)["modules"]["advantage"]
@@ -91,7 +95,7 @@ def test_a_timeout_is_a_status_regression_and_allow_fail_only_reports(workdir, f
 
     assert main(["--modules", "advantage", "--timeout", "0.5", "--allow-fail"]) == 0
     assert read_latest(workdir)["summary"]["TIMEOUT"] == 1
-    assert len(list((workdir / "output" / "smoke_reports").glob("smoke_*.json"))) == 2
+    assert len(list((workdir / "output" / "smoke_reports").glob("smoke_*.json"))) == 3  # the baseline and two
 
 
 def test_compare_flags_each_kind_and_tolerates_noise():
@@ -124,6 +128,52 @@ def test_compare_flags_each_kind_and_tolerates_noise():
     assert "slowdown" not in {r["kind"] for r in smoke.compare(before, other_jobs)[0]}
     assert smoke.compare({**before, "schema_version": 0}, now) == ([], [
         f"previous report has schema_version 0, this is {smoke.SCHEMA_VERSION}: not compared"])
+
+
+def test_the_baseline_is_the_pinned_report_else_the_newest_passing_one_from_a_clean_tree(first_run, workdir):
+    _, _, report = first_run
+    folder = workdir / "output" / "smoke_reports"
+
+    def session(name: str, dirty: bool, passed: bool, preset: str = "toy") -> dict:
+        planted = copy.deepcopy(report)
+        planted.update(file=name, preset=preset)
+        planted["git"]["dirty"] = dirty
+        if not passed:  # a planted bug: one module failed its checks
+            planted["modules"]["gae"]["status"] = "CHECK_FAILED"
+            planted["summary"].update(PASS=1, CHECK_FAILED=1, ok=False)
+        plant(folder / name, planted)
+        return planted
+
+    assert smoke.find_previous("toy")[0] is None
+    session("smoke_20260101T000000Z.json", dirty=False, passed=True)
+    session("smoke_20260102T000000Z.json", dirty=True, passed=False)   # the broken, uncommitted tree
+    session("smoke_20260103T000000Z.json", dirty=False, passed=False)
+    session("smoke_20260104T000000Z.json", dirty=False, passed=True, preset="default")
+    found, notes = smoke.find_previous("toy")
+    assert found["file"] == "smoke_20260101T000000Z.json"
+    assert "every module passed, from a clean tree (2 newer ones did not qualify)" in notes[-1]
+
+    pinned = smoke.pin_baseline(folder / "smoke_20260102T000000Z.json", "toy")  # --set-baseline
+    found, notes = smoke.find_previous("toy")
+    assert found["file"] == "smoke_20260102T000000Z.json" and "pinned with --set-baseline" in notes[-1]
+    assert smoke.find_previous("toy", folder / "smoke_20260103T000000Z.json")[0]["file"] == "smoke_20260103T000000Z.json"
+    with pytest.raises(smoke.SmokeError, match="not a report of preset 'toy'"):
+        smoke.find_previous("toy", folder / "smoke_20260104T000000Z.json")
+    pinned.write_text("{broken")
+    found, notes = smoke.find_previous("toy")
+    assert found["file"] == "smoke_20260101T000000Z.json" and "skipped the pinned baseline" in notes[0]
+
+
+def test_set_baseline_pins_the_sessions_report(first_run, workdir, monkeypatch):
+    monkeypatch.setattr(smoke, "run_modules", lambda modules, preset, *args, **kwargs: copy.deepcopy(
+        {name: first_run[2]["modules"][name] for name in ("mdp",)}))
+    assert main(["--modules", "mdp", "--set-baseline"]) == 0
+    folder = workdir / "output" / "smoke_reports"
+    assert json.loads((folder / "baseline_toy.json").read_text()) == read_latest(workdir)
+    assert main(["--modules", "mdp"]) == 0
+    pinned = json.loads((folder / "baseline_toy.json").read_text())["file"]
+    assert read_latest(workdir)["comparison"]["previous"] == pinned
+    assert any(n.startswith(f"baseline: {pinned}, pinned") for n in read_latest(workdir)["comparison"]["notes"])
 
 
 @pytest.mark.parametrize("help_exit, files, run_exit, checks, timed_out, expected", [
