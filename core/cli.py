@@ -31,6 +31,7 @@ from core.paths import workdir
 
 OK, CHECK_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED, PIPE_CLOSED = 0, 1, 2, 3, 130, 141
 
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EEXIST,
                       errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE}
 
@@ -78,8 +79,9 @@ def guard(main: Callable[[], int], crash_log: Callable[[], Path], interrupted: s
         if exc.errno not in ENVIRONMENT_ERRNOS:
             return _internal_error(crash_log)
         where = f"{exc.filename}: " if exc.filename else ""
-        say_error(f"{where}{exc.strerror or exc} (check that the work dir is writable and has space; "
-                  f"FINETUNE_WORKDIR moves it)")
+        hint = (" (check that the work dir is writable and has space; FINETUNE_WORKDIR moves it)"
+                if exc.errno in WRITE_ERRNOS else "")
+        say_error(f"{where}{exc.strerror or exc}{hint}")
         return BAD_INPUT
     except KeyboardInterrupt:
         print(f"\n{interrupted}", file=sys.stderr, flush=True)

@@ -315,6 +315,8 @@ def _usable(path: Path, preset: str) -> tuple[dict[str, Any] | None, str | None]
         report = read_json(path)
     except CorruptArtifact as exc:
         return None, str(exc)
+    except OSError as exc:  # missing, a folder, unreadable
+        return None, f"cannot read it ({exc.strerror or exc})"
     if not isinstance(report, dict) or report.get("preset") != preset:
         return None, f"{path.name} is not a report of preset {preset!r}"
     if report.get("schema_version") != SCHEMA_VERSION:

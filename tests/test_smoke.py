@@ -159,6 +159,9 @@ def test_the_baseline_is_the_pinned_report_else_the_newest_passing_one_from_a_cl
     assert smoke.find_previous("toy", folder / "smoke_20260103T000000Z.json")[0]["file"] == "smoke_20260103T000000Z.json"
     with pytest.raises(smoke.SmokeError, match="not a report of preset 'toy'"):
         smoke.find_previous("toy", folder / "smoke_20260104T000000Z.json")
+    for typo in (folder / "no-such-report.json", folder):  # a missing file, a folder
+        with pytest.raises(smoke.SmokeError, match=f"--baseline {typo}: cannot read it"):
+            smoke.find_previous("toy", typo)
     pinned.write_text("{broken")
     found, notes = smoke.find_previous("toy")
     assert found["file"] == "smoke_20260101T000000Z.json" and "skipped the pinned baseline" in notes[0]
