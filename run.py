@@ -21,7 +21,6 @@ import re
 import sys
 from datetime import datetime, timezone
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -34,8 +33,8 @@ from core.run_context import RunResult, crashed_folder, execute, read_run_index
 from learning.questions import load_bank
 
 # piped output (CI logs, tests) gets wide tables instead of rich's 80-column default
-console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+console = cli.Console()
+err = cli.Console(stderr=True)
 
 
 MAX_THREADS = 1024

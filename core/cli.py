@@ -6,7 +6,8 @@
          One line says what and where; no traceback.
     3    an internal error, i.e. a bug: the traceback goes to a log file and one line says where
     130  interrupted (Ctrl-C)
-    141  the reader of the output went away (`... | head`): stopped quietly, as `cat` would (128 + SIGPIPE)
+    141  the reader of the output went away (`... | head`): stopped quietly, as `cat` would (128 + SIGPIPE);
+         commands print through `Console` below, which hands a closed pipe to `guard` (rich would exit 1)
 
 A command's `main` raises; `guard` maps what it raised to a status. Bad input is any `UserError`
 (core.artifacts: every domain error the user can act on derives from it) or an OSError that says the
@@ -25,9 +26,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from rich.console import Console as RichConsole
+
 from core.artifacts import atomic_write_text
 from core.errors import UserError
 from core.paths import workdir
+
+
+class Console(RichConsole):
+    """rich's console for commands: a closed output pipe raises BrokenPipeError for `guard` (exit 141)
+    instead of rich's own exit 1; not a terminal, it is 160 columns wide (logs and pipes stay readable)."""
+
+    def __init__(self, stderr: bool = False, **kwargs):
+        stream = sys.stderr if stderr else sys.stdout
+        super().__init__(stderr=stderr, width=None if stream.isatty() else 160, **kwargs)
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
 
 OK, CHECK_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED, PIPE_CLOSED = 0, 1, 2, 3, 130, 141
 

@@ -10,8 +10,13 @@ questions.toml, one table per question:
     level = 2                      # 1 recall, 2 derive/explain, 3 design/trade-off
     q = "..."
     answer = "..."
-    key_points = ["...", "..."]    # what a grader looks for
+    key_points = ["...", "..."]    # the claims a correct answer makes (learning/grader.py: "a -> b | c -> d")
+    misconceptions = ["..."]       # common wrong claims, same syntax; stating one costs a key point
     follow_ups = ["grpo-kl-estimator"]
+    q_zh = "..."                   # the same question, model answer, key points and misconceptions in
+    answer_zh = "..."              # Chinese (technical terms may stay in English); key points need not
+    key_points_zh = ["..."]        # map one to one: a Chinese answer is graded against the Chinese ones
+    misconceptions_zh = ["..."]
 
 brief.toml, the spoken part of a module's interview brief, one table per language with the same keys:
 
@@ -21,8 +26,16 @@ brief.toml, the spoken part of a module's interview brief, one table per languag
     pitfalls = ["...", "..."]   # 30 s: engineering pitfalls
     comparison_q = "How is X different from Y and Z?"
     comparison = "..."          # 60 s: the answer to comparison_q
+    ran_aloud = "Accuracy rose from {sft_accuracy:.1%} to {accuracy:.1%}. ..."
+                                # two sentences on the learner's latest run: the headline result and what
+                                # it is compared against; {metric:format spec} (str.format) quotes a metric
     [zh]
     definition = "..."          # the same keys in Chinese (technical terms may stay in English)
+    title = "..."               # module.py is written in English (MANIFEST_LANG); every other language
+    [zh.metrics]                # translates its title, each metric's meaning, keyed by the metric's name,
+    val_loss = "..."            # and each check's `why`, keyed by the check as the brief shows it
+    [zh.checks]                 # (Check.describe(): "metric op threshold-or-metric")
+    "val_loss < unigram_entropy" = "..."
 
 The learner's own numbers and the follow-up questions are added by learning/briefs.py at render time.
 
@@ -44,10 +57,11 @@ A catcher is `check:<metric>` (that check fails in the module's toy run) or `tes
 from __future__ import annotations
 
 import os
+import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from core.errors import UserError
 from core.paths import ROOT
@@ -65,6 +79,17 @@ class Question:
     answer: str
     key_points: tuple[str, ...]
     follow_ups: tuple[str, ...] = field(default=())
+    misconceptions: tuple[str, ...] = field(default=())
+    q_zh: str = ""
+    answer_zh: str = ""
+    key_points_zh: tuple[str, ...] = field(default=())
+    misconceptions_zh: tuple[str, ...] = field(default=())
+
+    def text(self, lang: str) -> tuple[str, str]:
+        """(question, model answer) in `lang`, English where the Chinese is missing."""
+        if lang == "zh" and self.q_zh:
+            return self.q_zh, self.answer_zh or self.answer
+        return self.q, self.answer
 
 
 class BankError(UserError, ValueError):
@@ -86,7 +111,11 @@ def parse_bank(path: Path, module_name: str) -> list[Question]:
                 raise ValueError("key_points is empty: the grader needs something to look for")
             questions.append(Question(id=str(item["id"]), module=module_name, level=level, q=item["q"],
                                       answer=item["answer"], key_points=tuple(item["key_points"]),
-                                      follow_ups=tuple(item.get("follow_ups", ()))))
+                                      follow_ups=tuple(item.get("follow_ups", ())),
+                                      misconceptions=tuple(item.get("misconceptions", ())),
+                                      q_zh=item.get("q_zh", ""), answer_zh=item.get("answer_zh", ""),
+                                      key_points_zh=tuple(item.get("key_points_zh", ())),
+                                      misconceptions_zh=tuple(item.get("misconceptions_zh", ()))))
         except (KeyError, TypeError, ValueError) as exc:
             raise BankError(f"{path}: question #{i} ({item.get('id', '?')}): {exc!r}") from None
     if not questions:
@@ -101,8 +130,12 @@ def parse_bank(path: Path, module_name: str) -> list[Question]:
 
 # ---------------------------------------------------------------------------------- brief.toml
 LANGS = ("zh", "en")
-TEXT_KEYS = ("definition", "how_it_works", "comparison_q", "comparison")
+MANIFEST_LANG = "en"
+"""the language of module.py's title, metric meanings and check whys; brief.toml translates them into the others"""
+TEXT_KEYS = ("definition", "how_it_works", "comparison_q", "comparison", "ran_aloud")
 LIST_KEYS = ("pitfalls",)
+TRANSLATION_KEYS = ("title", "metrics", "checks")
+"""what every language but MANIFEST_LANG translates from module.py: a text and two tables of texts"""
 SECTION_SECONDS = {"definition": 30, "how_it_works": 60, "pitfalls": 30, "comparison": 60}
 """speaking time each section of brief.toml is written for"""
 
@@ -110,29 +143,74 @@ class BriefTextError(UserError, ValueError):
     """A brief.toml that breaks the format; the message lists every problem."""
 
 
-def parse_brief_text(path: Path) -> dict[str, dict[str, Any]]:
-    """{lang: {key: text or list of texts}}; raises BriefTextError naming every missing or
-    malformed key in every language."""
+def parse_brief_text(path: Path, metrics: Iterable[str] | None = None,
+                     checks: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{lang: {key: text, list of texts or {name: translation}}}; raises BriefTextError naming every
+    missing or malformed key in every language. Given the module's metric names and its checks
+    (Check.describe()), also every one of them has a translation and every translation and every
+    ran_aloud placeholder names one of them, so a renamed or added metric or check fails here."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BriefTextError(f"{path}: {exc}") from None
-    problems = [p for lang in LANGS for p in _section_problems(raw.get(lang), lang)]
+    known = {"metrics": None if metrics is None else list(metrics), "checks": None if checks is None else list(checks)}
+    problems = [p for lang in LANGS for p in _section_problems(raw.get(lang), lang, known)]
     if problems:
         raise BriefTextError(f"{path}: {'; '.join(problems)}")
     return {lang: raw[lang] for lang in LANGS}
 
 
-def _section_problems(section: Any, lang: str) -> list[str]:
+def aloud_metrics(template: str) -> list[str]:
+    """The metrics a ran_aloud text quotes, in order; ValueError for a malformed placeholder."""
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+
+
+def _section_problems(section: Any, lang: str, known: dict[str, list[str] | None]) -> list[str]:
     if not isinstance(section, dict):
         return [f"no [{lang}] table"]
-    missing = [k for k in (*TEXT_KEYS, *LIST_KEYS) if k not in section]
+    required = (*TEXT_KEYS, *LIST_KEYS, *(TRANSLATION_KEYS if lang != MANIFEST_LANG else ()))
+    missing = [k for k in required if k not in section]
     problems = [f"[{lang}] lacks {', '.join(missing)}"] if missing else []
     problems += [f"[{lang}] {k} must be a non-empty string" for k in TEXT_KEYS
                  if k in section and not _is_text(section[k])]
     problems += [f"[{lang}] {k} must be a non-empty list of non-empty strings" for k in LIST_KEYS
                  if k in section and not (isinstance(section[k], list) and section[k]
                                           and all(map(_is_text, section[k])))]
+    if _is_text(section.get("ran_aloud")):
+        problems += _aloud_problems(section["ran_aloud"], lang, known["metrics"])
+    if lang != MANIFEST_LANG:
+        if "title" in section and not _is_text(section["title"]):
+            problems.append(f"[{lang}] title must be a non-empty string")
+        problems += [p for k in ("metrics", "checks") if k in section
+                     for p in _translation_problems(section[k], f"[{lang}.{k}]", known[k])]
+    return problems
+
+
+def _aloud_problems(template: str, lang: str, metrics: list[str] | None) -> list[str]:
+    try:
+        fields = aloud_metrics(template)
+    except ValueError as exc:
+        return [f"[{lang}] ran_aloud: {exc}"]
+    if not fields:
+        return [f"[{lang}] ran_aloud quotes no metric: it is said from the run's numbers ({{metric:.3f}})"]
+    problems = []
+    if not_names := [f"{{{f}}}" for f in fields if not f.isidentifier()]:
+        problems.append(f"[{lang}] ran_aloud placeholders must be metric names: {', '.join(not_names)}")
+    if unknown := [f for f in fields if f.isidentifier() and metrics is not None and f not in metrics]:
+        problems.append(f"[{lang}] ran_aloud quotes {', '.join(unknown)}, which the module does not report")
+    return problems
+
+
+def _translation_problems(table: Any, where: str, names: list[str] | None) -> list[str]:
+    if not (isinstance(table, dict) and all(map(_is_text, table.values()))):
+        return [f"{where} must map each name to a non-empty string"]
+    if names is None:
+        return []
+    problems = []
+    if untranslated := [n for n in names if n not in table]:
+        problems.append(f"{where} lacks {', '.join(untranslated)}")
+    if unknown := [k for k in table if k not in names]:
+        problems.append(f"{where} translates {', '.join(unknown)}, which the module does not have")
     return problems
 
 

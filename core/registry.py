@@ -47,6 +47,15 @@ class Module:
     produces_lm: bool = False
     """the run leaves a causal LM in models/<preset>/ (core/nn/model.save_model + its tokenizer): the
     eval module puts every such model on its leaderboard, so a new stage adds a row by saying so here"""
+    interview_weight: int = 3
+    """how much interviewers for LLM/RLHF roles weigh the topic, 1..5: 5 asked in nearly every such
+    interview (attention, tokenizers, pretraining, SFT, PPO, GRPO), 4 often, 3 regularly or as the
+    ground a 5 stands on (the value when undeclared), 2 as background, 1 rarely. The 14-day roadmap
+    (learning/roadmap.py) shares out its days by these weights and drills weight/5 of a module's
+    deeper questions."""
+    interview_outcome: str = ""
+    """what the learner can say or do once the module is studied, in a sentence or two: its roadmap
+    day's outcome (the summary stands in while it is empty)"""
     path: Path = field(default=ROOT)
     """the module's folder; set by the registry"""
 
@@ -102,7 +111,7 @@ def validate(module: Any, path: Path) -> list[str]:
         errors.extend(_validate_questions(folder / "questions.toml", module.name))
     if (folder / "brief.toml").is_file():
         try:
-            parse_brief_text(folder / "brief.toml")
+            parse_brief_text(folder / "brief.toml", module.metrics, [c.describe() for c in module.checks])
         except BriefTextError as exc:
             errors.append(f"brief.toml: {exc}")
     if (folder / "bugs.toml").is_file():
@@ -124,6 +133,10 @@ def validate(module: Any, path: Path) -> list[str]:
                 validate_config(preset)
             except ConfigError as exc:
                 errors.append(f"preset {preset_name!r} is not valid: {exc}")
+    if type(module.interview_weight) is not int or not 1 <= module.interview_weight <= 5:
+        errors.append(f"interview_weight must be an int in 1..5, got {module.interview_weight!r}")
+    if not isinstance(module.interview_outcome, str):
+        errors.append(f"interview_outcome must be text, got {type(module.interview_outcome).__name__}")
     for check in module.checks:
         for name in filter(None, (check.metric, check.ref)):
             if name not in module.metrics:

@@ -15,7 +15,7 @@ percentage of a fraction, minutes of seconds, k, M, G). Integers like "500" or "
 often sizes and settings to tell apart. A number that is a setting or a cited value rather than a
 result goes in the README's `<!-- not results: ... -->` comment, which says where it comes from.
 Section and equation references (§4.1, eq. 3.14) are not figures, and the generated planted-bugs
-section is not scanned (its figures come from runs with a bug planted).
+section and grading table are not scanned (TESTED_BLOCK: tests hold their figures instead).
 """
 from __future__ import annotations
 
@@ -39,9 +39,11 @@ FIGURE = re.compile(r"(?<![\w.\-−])(?P<sign>[-−]?)"
                     r"(?P<body>\d{1,3}(?:[ ,]\d{3})+(?!\d|\.\d)|\d+\.\d+(?:e[-+−]?\d+)?)"
                     r"(?P<unit>[kMG](?!\w)|%|\s?min\b)?(?!\w|\.\d)")
 NOT_RESULTS = re.compile(r"<!--\s*not results:(.*?)-->", re.S)
-PLANTED_BUGS_BLOCK = re.compile(r"<!-- BEGIN planted-bugs\b.*?<!-- END planted-bugs -->", re.S)
-"""the generated "what goes wrong" section quotes runs with a bug planted, not recorded runs: what it
-claims (each bug caught) is held by tests/test_planted_bugs.py instead"""
+TESTED_BLOCK = re.compile(r"<!-- BEGIN (planted-bugs|grading-table)\b.*?<!-- END \1 -->", re.S)
+"""generated blocks whose figures are held by a test rather than by a record: the "what goes wrong"
+section quotes runs with a bug planted (each bug caught: tests/test_planted_bugs.py), the README's
+grading table is the grader measured on the labelled set (equal to the live measurement:
+tests/test_grading_set.py)"""
 REFERENCE = re.compile(r"(?:§|\b(?:eq|Eq|ch|Ch|Sec|Section|Table|Fig|Figure|Appendix|App|Alg|Algorithm|Exercise|Ex|"
                        r"Example)\.?)\s?\d+(?:\.\d+)*(?:\s?(?:[–-]|/|,|and)\s?\d+(?:\.\d+)*)*")
 """section, equation, figure and chapter references ("S&B §4.1–4.3", "eq. 3.14"): numbers, not figures"""
@@ -108,7 +110,7 @@ def figures(markdown: str) -> Iterator[tuple[int, str]]:
     for match in NOT_RESULTS.finditer(markdown):
         exempt |= {_normalise(m.group(0)) for m in FIGURE.finditer(match.group(1))}
     text = markdown
-    for skipped in (NOT_RESULTS, PLANTED_BUGS_BLOCK):
+    for skipped in (NOT_RESULTS, TESTED_BLOCK):
         text = skipped.sub(lambda m: "\n" * m.group(0).count("\n"), text)
     text = REFERENCE.sub(" ", text)
     for line_no, line in enumerate(text.splitlines(), 1):

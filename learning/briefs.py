@@ -4,8 +4,12 @@
 
 All wording lives in learning/templates/: brief.md.j2 (one module), index.md.j2 (the run-status table),
 briefs.html.j2 (one offline page) and labels.toml (every fixed heading, in each language). The
-templates use StrictUndefined, so a run that lacks a metric the manifest declares fails loudly
-instead of printing a blank.
+templates use StrictUndefined, and a brief.toml's ran_aloud sentences fail the same way, so a run that
+lacks a metric the manifest declares fails loudly instead of printing a blank.
+
+A brief in another language than the manifest's (Chinese) quotes the metric meanings and check whys
+from brief.toml's translation tables and the follow-up questions from the bank's Chinese fields. Where
+one is missing it quotes the English and says so in one line at the top: never a silent mix.
 """
 from __future__ import annotations
 
@@ -26,11 +30,12 @@ from markdown_it import MarkdownIt
 
 from core.artifacts import atomic_write_text
 from core.config import to_dict
-from core.contract import LANGS, SECTION_SECONDS, Question, parse_brief_text
+from core.contract import LANGS, MANIFEST_LANG, SECTION_SECONDS, Question, parse_brief_text
 from core.errors import UserError
 from core.paths import workdir
 from core.registry import Module, Registry
 from core.run_context import latest_run, read_run_index
+from learning.grader import readable_claim
 from learning.questions import load_bank
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -103,12 +108,32 @@ def table_cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+class _RunMetrics(dict):
+    """A run's metrics as a ran_aloud text's placeholders see them: a metric the run lacks raises
+    UndefinedError, as it would in a template, so brief_for names it with the command for a new run."""
+
+    def __missing__(self, name: str) -> Any:
+        raise UndefinedError(f"the run has no metric {name!r}")
+
+
+class _NoValue:
+    """A metric run.json stores as null (NaN or inf): said as a dash, whatever its format spec."""
+
+    def __format__(self, spec: str) -> str:
+        return "—"
+
+
+def say_aloud(template: str, metrics: dict[str, Any]) -> str:
+    """brief.toml's ran_aloud with the run's numbers put in: {name:format spec}, as str.format."""
+    return template.format_map(_RunMetrics({k: _NoValue() if v is None else v for k, v in metrics.items()}))
+
+
 _env = Environment(
     loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True,
     trim_blocks=True, lstrip_blocks=True,
     autoescape=select_autoescape(enabled_extensions=("html.j2",), default_for_string=False, default=False),
 )
-_env.filters.update(num=format_number, when=format_when, cell=table_cell)
+_env.filters.update(num=format_number, when=format_when, cell=table_cell, aloud=say_aloud)
 # raw HTML in a brief's text is shown as text, not interpreted: the page stays well-formed
 _markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
 
@@ -189,19 +214,74 @@ def follow_up_questions(module: Module, count: int = FOLLOW_UP_COUNT) -> list[Qu
 
 
 # --- rendering ----------------------------------------------------------------------------------
+@dataclass
+class Localized:
+    """What a brief quotes from the manifest, the run and the bank, in the brief's language."""
+    checks: list[dict[str, Any]]
+    """the run's checks, each with its `why` translated"""
+    meanings: dict[str, str]
+    """metric name -> what it measures"""
+    follow_ups: list[dict[str, Any]]
+    """id, level, q and key_points (readable claims) of each follow-up question"""
+    english: dict[str, list[str]]
+    """the parts left in English for want of a translation: kind (check, metric, question,
+    key_points) -> their names, in the order the brief shows them"""
+
+
+def localize(module: Module, lang: str, text: dict[str, Any], record: dict[str, Any] | None) -> Localized:
+    """The module's English texts in `lang`: brief.toml's translation tables for the metric meanings
+    and the check whys (keyed by metric name and by the check as run.json names it), the bank's Chinese
+    fields for the questions. A run older than its manifest may hold a check no table translates."""
+    english: dict[str, list[str]] = {}
+
+    def say(kind: str, name: str, source: Any, translated: Any) -> Any:
+        if lang == MANIFEST_LANG:
+            return source
+        if not translated:
+            english.setdefault(kind, []).append(name)
+        return translated or source
+
+    whys, metric_meanings = text.get("checks", {}), text.get("metrics", {})  # absent in MANIFEST_LANG
+    checks = [{**c, "why": say("check", c["check"], c["why"], whys.get(c["check"]))}
+              for c in (record["checks"] if record else [])]
+    meanings = {name: say("metric", name, meaning, metric_meanings.get(name))
+                for name, meaning in module.metrics.items()}
+    in_chinese = lang == "zh"  # the bank's only translation (core/contract.Question)
+    follow_ups = [{"id": q.id, "level": q.level,
+                   "q": say("question", q.id, q.q, q.q_zh if in_chinese else None),
+                   "key_points": [readable_claim(k) for k in say("key_points", q.id, q.key_points,
+                                                                 q.key_points_zh if in_chinese else None)]}
+                  for q in follow_up_questions(module)]
+    return Localized(checks, meanings, follow_ups, english)
+
+
+def english_note(lang: str, english: dict[str, list[str]]) -> str:
+    """The one line that says which parts of a brief are still in English ("" when none are)."""
+    if not english:
+        return ""
+    t = labels(lang)
+    parts = [t[f"english_{kind}"].format(names=t["list_sep"].join(f"`{name}`" for name in names))
+             for kind, names in english.items()]
+    return t["still_english"].format(parts=t["item_sep"].join(parts))
+
+
 def render_brief(module: Module, lang: str, latest: LatestRun) -> str:
     """The Markdown brief; raises jinja2.UndefinedError when the run lacks something the
-    template quotes (e.g. a metric the manifest declares but the run did not report)."""
+    template or the ran_aloud sentences quote (e.g. a metric the manifest declares but the run
+    did not report)."""
     record = latest.record
     distinctive, changed = config_facts(module, latest.preset, record["config"]) if record else ({}, {})
     plots = [f"{latest.out_dir}/{name}" for name in record["artifacts"] if name.endswith(".png")] if record else []
+    text = parse_brief_text(module.path / "brief.toml")[lang]
+    local = localize(module, lang, text, record)
     return _env.get_template("brief.md.j2").render(
-        t=labels(lang), module=module, readme=(module.rel_path / "README.md").as_posix(),
-        text=parse_brief_text(module.path / "brief.toml")[lang],
+        t=labels(lang), module=module, readme=(module.rel_path / "README.md").as_posix(), text=text,
+        title=text.get("title", module.title),  # brief.toml translates module.py's title (contract: required)
         seconds={**SECTION_SECONDS, "what_i_ran": RUN_SECTION_SECONDS},
         preset=latest.preset, requested_preset=latest.requested, run=record,
         command=_reproducing_command(module, latest), distinctive=distinctive, changed=changed,
-        plots=plots, follow_ups=follow_up_questions(module),
+        plots=plots, checks=local.checks, meanings=local.meanings, follow_ups=local.follow_ups,
+        english_note=english_note(lang, local.english),
     )
 
 

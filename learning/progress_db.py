@@ -1,11 +1,20 @@
 """The learner's drill progress in SQLite: one FSRS card per question, every review, every session.
 
-Tables (schema version 1):
+Tables (schema version 2):
 
     meta      key, value             app marker + schema version: how a foreign file is recognised
     cards     card_id (the question id), module, level, fsrs (Card.to_dict() as JSON), last_rating
-    reviews   card_id, session_id, reviewed_at, rating, score, hits, misses (JSON lists), answer
+    reviews   card_id, session_id, reviewed_at, rating, score, hits, misses (JSON lists), answer, graded_by
+    unrated   card_id, session_id, answered_at, score, hits, misses, answer, graded_by
     sessions  id, started_at, ended_at, mode, questions_asked
+
+`graded_by` says which grader scored the answer: "offline" (learning/grader.py) or "judge:<model>".
+An `unrated` row is an answer that was graded but never rated, because the learner left the drill at
+the rating prompt: it is kept, but it schedules nothing, so the next session treats that question as
+it was before: a question never rated is still new, a rated one keeps its FSRS due date; answering
+it again is what rates it. Version 1 (no graded_by, no unrated table: everything was "offline") is
+read as it is and upgraded in one transaction before the first write, so looking at progress never
+modifies the file.
 
 Card ids are the question ids, which are stable by contract (DESIGN.md), so rewording a question
 keeps its history. Every review is committed on its own, so an interrupted session keeps every answer
@@ -21,10 +30,13 @@ table and the card id or row id, and left out; everything else still works. Answ
 again replaces its bad card row. Cards of questions no longer in the bank (a renamed or removed
 question or module) are not bad rows: they are kept, and simply no longer count.
 
-Mastery of (module, level) = the fraction of the bank's questions at that level whose card's last
-rating was Good or Easy and whose FSRS state is Review, i.e. recalled well after leaving the
-learning steps (with fsrs's default steps: once Easy, or Good on two occasions at least ten
-minutes apart). Questions never drilled count as not mastered.
+Mastery needs the learner and the grader to agree: a question is mastered when its latest review
+is rated Good or Easy by the learner AND its answer was graded Good or Easy (score >= 2/3, the
+grader's own threshold, whether the offline grader or the judge scored it). `mastery_evidence` names
+what each question lacks otherwise; mastery of (module, level) is the fraction of the bank's
+questions at that level that are mastered. The FSRS state plays no part: a first well-graded Good is
+evidence enough, and how soon to see the question again is the scheduler's business. An unrated
+answer is not a review, so it neither makes nor breaks mastery.
 
 Times are timezone-aware UTC datetimes (fsrs requires UTC); every method that depends on the clock
 takes `now`, so tests control time.
@@ -50,12 +62,18 @@ import fsrs
 from core.contract import LEVELS, Question
 from core.errors import UserError
 from core.paths import workdir
-from learning.grader import Grade
+from learning.grader import Grade, suggested_rating
 
 APP_MARKER = "finetune-progress"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SQLITE_HEADER = b"SQLite format 3\x00"
 MASTERED_RATINGS = (fsrs.Rating.Good, fsrs.Rating.Easy)
+OFFLINE = "offline"
+"""graded_by of learning/grader.py; an LLM judge's answers carry "judge:<model>" instead"""
+
+# mastery_evidence: what a question's answers show, best first
+MASTERED, GRADED_LOW, RATED_LOW, UNRATED, NEVER_ANSWERED = (
+    "mastered", "graded low", "rated low", "answered, not rated", "never answered")
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -86,15 +104,36 @@ CREATE TABLE reviews (
 );
 CREATE INDEX reviews_by_card ON reviews(card_id);
 """
+"""version 1; a new database is made from it plus every upgrade, so new and upgraded ones are alike"""
+
+UPGRADE_TO_2 = (
+    f"ALTER TABLE reviews ADD COLUMN graded_by TEXT NOT NULL DEFAULT '{OFFLINE}'",
+    f"""CREATE TABLE unrated (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        card_id TEXT NOT NULL,
+        session_id INTEGER REFERENCES sessions(id),
+        answered_at TEXT NOT NULL,
+        score REAL NOT NULL,
+        hits TEXT NOT NULL,
+        misses TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        graded_by TEXT NOT NULL DEFAULT '{OFFLINE}'
+    )""",
+)
 
 
-TABLE_COLUMNS = {
+_V1_COLUMNS = {
     "meta": {"key", "value"},
     "cards": {"card_id", "module", "level", "fsrs", "last_rating"},
     "sessions": {"id", "started_at", "ended_at", "mode", "questions_asked"},
     "reviews": {"id", "card_id", "session_id", "reviewed_at", "rating", "score", "hits", "misses", "answer"},
 }
-"""what the code reads: a file with the app marker that lacks one of these is damaged"""
+TABLE_COLUMNS = {
+    1: _V1_COLUMNS,
+    2: {**_V1_COLUMNS, "reviews": _V1_COLUMNS["reviews"] | {"graded_by"},
+        "unrated": {"id", "card_id", "session_id", "answered_at", "score", "hits", "misses", "answer", "graded_by"}},
+}
+"""schema version -> what the code reads: a file with the app marker that lacks one of these is damaged"""
 
 
 class ProgressDBError(UserError):
@@ -150,7 +189,7 @@ class ProgressDB:
         """(table, card id or row id) -> why it was left out, for every bad row met so far"""
         if not self.path.exists():
             _create(self.path)
-        _verify(self.path)
+        self.version = _verify(self.path)
         try:
             self.conn = sqlite3.connect(self.path)
             self.conn.execute("PRAGMA foreign_keys = ON")
@@ -168,13 +207,27 @@ class ProgressDB:
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
-        """One transaction; a database that refuses the write (read-only, disk full) is bad input."""
+        """One transaction, after the upgrade of an older schema; a database that refuses the write
+        (read-only, disk full) is bad input."""
         try:
+            if self.version < SCHEMA_VERSION:
+                self._upgrade()
             with self.conn:
                 yield self.conn
         except sqlite3.OperationalError as exc:
             raise ProgressDBError(f"{self.path}: cannot write to it ({exc}); check that the file and its folder "
                                   f"are writable and the disk has space, or pass --db with another path.") from None
+
+    def _upgrade(self) -> None:
+        """Version 1 -> 2 in one transaction. IMMEDIATE takes the write lock before the version is read
+        again, so of two processes writing to the same old file only one upgrades it."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            if self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1":
+                for statement in UPGRADE_TO_2:
+                    self.conn.execute(statement)
+                self.conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        self.version = 2
 
     def _bad(self, table: str, key: str, why: str) -> None:
         if (table, key) not in self.bad_rows:
@@ -217,7 +270,6 @@ class ProgressDB:
         existing = self.card(question.id)
         card = existing.card if existing else fsrs.Card(card_id=_fsrs_card_id(question.id), due=now)
         card, _ = self.scheduler.review_card(card, rating, review_datetime=now)
-        hits = [{"key_point": h.key_point, "span": h.span} for h in grade.hits]
         with self._writing():  # one transaction: the card, its review and the session count land together
             self.conn.execute(
                 "INSERT INTO cards (card_id, module, level, fsrs, last_rating) VALUES (?, ?, ?, ?, ?) "
@@ -225,27 +277,49 @@ class ProgressDB:
                 "fsrs = excluded.fsrs, last_rating = excluded.last_rating",
                 (question.id, question.module, question.level, json.dumps(card.to_dict()), int(rating)))
             self.conn.execute(
-                "INSERT INTO reviews (card_id, session_id, reviewed_at, rating, score, hits, misses, answer) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (question.id, session_id, _iso(now), int(rating), grade.score, json.dumps(hits, ensure_ascii=False),
-                 json.dumps(list(grade.misses), ensure_ascii=False), answer))
-            if session_id is not None:
-                self.conn.execute("UPDATE sessions SET questions_asked = questions_asked + 1 WHERE id = ?",
-                                  (session_id,))
+                "INSERT INTO reviews (card_id, session_id, reviewed_at, rating, score, hits, misses, answer, "
+                "graded_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (question.id, session_id, _iso(now), int(rating), *_graded(grade), answer, grade.grader))
+            self._count_answer(session_id)
         return card
+
+    def record_unrated(self, question: Question, grade: Grade, answer: str, session_id: int | None,
+                       now: datetime) -> None:
+        """Commit a graded answer the learner left without rating (module docstring): no card changes."""
+        with self._writing():
+            self.conn.execute(
+                "INSERT INTO unrated (card_id, session_id, answered_at, score, hits, misses, answer, graded_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (question.id, session_id, _iso(now), *_graded(grade), answer, grade.grader))
+            self._count_answer(session_id)
+
+    def _count_answer(self, session_id: int | None) -> None:
+        if session_id is not None:
+            self.conn.execute("UPDATE sessions SET questions_asked = questions_asked + 1 WHERE id = ?", (session_id,))
 
     def reviews(self, card_id: str | None = None) -> list[dict]:
         """Every valid review in the order they were made; bad rows are reported and left out."""
-        query = "SELECT id, card_id, session_id, reviewed_at, rating, score, hits, misses, answer FROM reviews"
+        graded_by = "graded_by" if self.version >= 2 else f"'{OFFLINE}'"
+        return self._rows("reviews", f"SELECT id, card_id, session_id, reviewed_at, rating, score, hits, misses, "
+                                     f"answer, {graded_by} FROM reviews", card_id, _review_row)
+
+    def unrated(self, card_id: str | None = None) -> list[dict]:
+        """Every valid unrated answer in the order they were given (none in a version-1 database)."""
+        if self.version < 2:
+            return []
+        return self._rows("unrated", "SELECT id, card_id, session_id, answered_at, score, hits, misses, answer, "
+                                     "graded_by FROM unrated", card_id, _unrated_row)
+
+    def _rows(self, table: str, query: str, card_id: str | None, parse: Callable[[tuple], dict]) -> list[dict]:
         rows = self.conn.execute(query + (" WHERE card_id = ?" if card_id else "") + " ORDER BY id",
                                  (card_id,) if card_id else ())
-        reviews = []
+        parsed = []
         for row in rows:
             try:
-                reviews.append(_review_row(row))
+                parsed.append(parse(row))
             except BadRow as exc:
-                self._bad("reviews", f"row id {row[0]}, card_id {row[1]!r}", str(exc))
-        return reviews
+                self._bad(table, f"row id {row[0]}, card_id {row[1]!r}", str(exc))
+        return parsed
 
     def sessions(self) -> list[dict]:
         rows = self.conn.execute("SELECT id, started_at, ended_at, mode, questions_asked FROM sessions ORDER BY id")
@@ -260,6 +334,26 @@ class ProgressDB:
         due = [(row.card.due, card_id) for card_id, row in self.cards().items() if row.card.due <= now]
         return [card_id for _, card_id in sorted(due)]
 
+    def mastery_evidence(self, questions: Iterable[Question]) -> dict[str, str]:
+        """Question id -> what its answers show (module docstring): "mastered", "graded low" (rated
+        Good/Easy, but the grade is below Good), "rated low" (the learner's own rating is below Good),
+        "answered, not rated" (answered, never rated) or "never answered". The latest valid review
+        decides; bad rows are reported and left out."""
+        latest = {review["card_id"]: review for review in self.reviews()}
+        unrated = {row["card_id"] for row in self.unrated()}
+        evidence = {}
+        for q in questions:
+            review = latest.get(q.id)
+            if review is None:
+                evidence[q.id] = UNRATED if q.id in unrated else NEVER_ANSWERED
+            elif review["rating"] not in MASTERED_RATINGS:
+                evidence[q.id] = RATED_LOW
+            elif suggested_rating(review["score"]) not in MASTERED_RATINGS:
+                evidence[q.id] = GRADED_LOW
+            else:
+                evidence[q.id] = MASTERED
+        return evidence
+
     def mastery(self, questions: Iterable[Question] | None = None) -> dict[str, dict[int, float]]:
         """module -> level -> mastered fraction (module docstring) over the current question bank,
         loaded from the registry unless given; removed questions no longer count."""
@@ -267,14 +361,13 @@ class ProgressDB:
             from core.registry import discover
             from learning.questions import all_questions  # the registry imports every module: only when needed
             questions = all_questions(discover())
-        cards = self.cards()
+        questions = list(questions)
+        evidence = self.mastery_evidence(questions)
         total: Counter[tuple[str, int]] = Counter()
         mastered: Counter[tuple[str, int]] = Counter()
         for q in questions:
             total[q.module, q.level] += 1
-            row = cards.get(q.id)
-            if row and row.last_rating in MASTERED_RATINGS and row.card.state == fsrs.State.Review:
-                mastered[q.module, q.level] += 1
+            mastered[q.module, q.level] += evidence[q.id] == MASTERED
         result: dict[str, dict[int, float]] = defaultdict(dict)
         for (module, level), n in sorted(total.items()):
             result[module][level] = mastered[module, level] / n
@@ -292,8 +385,8 @@ class ProgressDB:
         return count
 
     def stats(self) -> dict:
-        """Totals over the whole history (valid rows only): cards, reviews, sessions, ratings, mean score,
-        first/last review (ISO 8601, UTC)."""
+        """Totals over the whole history (valid rows only): cards, reviews, unrated answers, sessions,
+        ratings, mean score of the reviews, first/last review (ISO 8601, UTC)."""
         reviews = self.reviews()
         times = [r["reviewed_at"] for r in reviews]
         ratings = Counter(r["rating"] for r in reviews)
@@ -303,6 +396,7 @@ class ProgressDB:
             "cards_by_state": dict(states),
             "reviews": len(reviews),
             "reviews_by_rating": {r.name: ratings[r] for r in fsrs.Rating},
+            "unrated": len(self.unrated()),
             "mean_score": sum(r["score"] for r in reviews) / len(reviews) if reviews else None,
             "sessions": self.conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0],
             "first_review": _iso(min(times)) if times else None,
@@ -375,18 +469,36 @@ def _card_row(row: tuple) -> CardRow:
                    _rating(last_rating, "last_rating"))
 
 
-def _review_row(row: tuple) -> dict:
-    _, card_id, session_id, reviewed_at, rating, score, hits, misses, answer = row
+def _graded(grade: Grade) -> tuple[float, str, str]:
+    """score, hits and misses of a grade as stored"""
+    hits = [{"key_point": h.key_point, "span": h.span} for h in grade.hits]
+    return grade.score, json.dumps(hits, ensure_ascii=False), json.dumps(list(grade.misses), ensure_ascii=False)
+
+
+def _graded_answer(card_id: Any, session_id: Any, score: Any, hits: Any, misses: Any, answer: Any,
+                   graded_by: Any) -> dict:
+    """The fields reviews and unrated answers share, checked."""
     if session_id is not None and type(session_id) is not int:
         raise BadRow(f"session_id must be a session id or null, got {session_id!r}")
     if type(score) not in (int, float) or not 0 <= score <= 1:
         raise BadRow(f"score must be a number in [0, 1], got {score!r}")
     if not isinstance(answer, str):
         raise BadRow(f"answer must be text, got {type(answer).__name__}")
-    return {"card_id": _text(card_id, "card_id"), "session_id": session_id,
-            "reviewed_at": _moment(reviewed_at, "reviewed_at"), "rating": _rating(rating, "rating"),
-            "score": score, "hits": _json_list(hits, "hits"), "misses": _json_list(misses, "misses"),
-            "answer": answer}
+    return {"card_id": _text(card_id, "card_id"), "session_id": session_id, "score": score,
+            "hits": _json_list(hits, "hits"), "misses": _json_list(misses, "misses"), "answer": answer,
+            "graded_by": _text(graded_by, "graded_by")}
+
+
+def _review_row(row: tuple) -> dict:
+    _, card_id, session_id, reviewed_at, rating, score, hits, misses, answer, graded_by = row
+    return {**_graded_answer(card_id, session_id, score, hits, misses, answer, graded_by),
+            "reviewed_at": _moment(reviewed_at, "reviewed_at"), "rating": _rating(rating, "rating")}
+
+
+def _unrated_row(row: tuple) -> dict:
+    _, card_id, session_id, answered_at, score, hits, misses, answer, graded_by = row
+    return {**_graded_answer(card_id, session_id, score, hits, misses, answer, graded_by),
+            "answered_at": _moment(answered_at, "answered_at")}
 
 
 def _create(path: Path) -> None:
@@ -400,6 +512,8 @@ def _create(path: Path) -> None:
         conn = sqlite3.connect(tmp)
         try:
             conn.executescript(SCHEMA)
+            for statement in UPGRADE_TO_2:
+                conn.execute(statement)
             with conn:
                 conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                                  [("app", APP_MARKER), ("schema_version", str(SCHEMA_VERSION))])
@@ -421,9 +535,9 @@ def _create(path: Path) -> None:
             pass  # its folder never existed
 
 
-def _verify(path: Path) -> None:
-    """Raise ProgressDBError unless `path` is this app's database at a schema version we understand.
-    Everything here reads only: the file is opened read-only, so a foreign file stays byte-identical."""
+def _verify(path: Path) -> int:
+    """The schema version of `path`; ProgressDBError unless it is this app's database at a version we
+    read. Everything here reads only: the file is opened read-only, so a foreign file stays byte-identical."""
     if not path.is_file():
         raise ProgressDBError(f"{path}: not a regular file")
     with open(path, "rb") as f:
@@ -437,7 +551,8 @@ def _verify(path: Path) -> None:
             integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
-            columns = {table: {r[1] for r in conn.execute(f"PRAGMA table_info({table})")} for table in TABLE_COLUMNS}
+            columns = {table: {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                       for table in TABLE_COLUMNS[SCHEMA_VERSION]}
         finally:
             conn.close()
     except sqlite3.Error as exc:
@@ -449,13 +564,14 @@ def _verify(path: Path) -> None:
                               f"(tables: {', '.join(sorted(tables)) or 'none'}); it was left untouched. "
                               f"Pass --db with another path.")
     version = meta.get("schema_version", "?")
-    if version != str(SCHEMA_VERSION):
+    if version not in map(str, TABLE_COLUMNS):
         raise ProgressDBError(f"{path}: progress database schema version {version}, this code reads "
-                              f"version {SCHEMA_VERSION}; it was left untouched.")
+                              f"versions {min(TABLE_COLUMNS)} to {SCHEMA_VERSION}; it was left untouched.")
     missing = []
-    for table, wanted in TABLE_COLUMNS.items():
+    for table, wanted in TABLE_COLUMNS[int(version)].items():
         missing += [f"table {table}"] if not columns[table] else [f"column {table}.{c}"
                                                                   for c in sorted(wanted - columns[table])]
     if missing:
         raise ProgressDBError(f"{path}: the progress database is damaged: it lacks {', '.join(missing)}; "
                               f"it was left untouched. Move it away or pass --db with another path.")
+    return int(version)

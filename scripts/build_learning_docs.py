@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Render learning/ROADMAP_14_DAYS.md and learning/LEVEL_CHECKPOINTS.md from learning/roadmap.toml
-and learning/levels.toml (templates: learning/templates/roadmap.md.j2, checkpoints.md.j2).
+"""Render learning/ROADMAP_14_DAYS.md and learning/LEVEL_CHECKPOINTS.md: the roadmap derived from the
+registry by the rules of learning/roadmap.toml, the levels of learning/levels.toml (templates:
+learning/templates/roadmap.md.j2, checkpoints.md.j2).
 
     python scripts/build_learning_docs.py            # write both files
     python scripts/build_learning_docs.py --check    # write nothing; exit 1 if a committed file is stale
 
-Every module, preset, README section and question level the data names must resolve against the
-registry and the question banks; otherwise nothing is written. Modules no roadmap day names yet are
-listed as a reminder (the roadmap grows as modules are added).
+Every module, preset, README section and question level the days and levels name must resolve against
+the registry and the question banks, and every level must ask only for what the days schedule;
+otherwise nothing is written. Modules whose category no track of roadmap.toml names are on no day:
+they are listed as a reminder.
 Exit status (core/cli.py): 0 written (or up to date), 1 --check found a stale file, 2 a reference does
 not resolve (nothing is written), 3 an internal error (traceback in output/crash/build_learning_docs.log),
 130 interrupted.
@@ -20,13 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
 
 from core.artifacts import atomic_write_text  # noqa: E402
-from core.cli import Parser, crash_log, guard  # noqa: E402
+from core.cli import Console, Parser, crash_log, guard  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.registry import discover  # noqa: E402
-from learning.roadmap import load_roadmap, not_on_roadmap, rendered_docs  # noqa: E402
+from learning.roadmap import load_rules, not_on_roadmap, plan, rendered_docs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,10 +46,10 @@ def build(argv: list[str] | None) -> int:
         docs = rendered_docs(registry)
     except UserError as exc:  # RoadmapError, BankError: a reference that does not resolve
         raise UserError(f"{exc}; nothing was written") from None
-    missing = not_on_roadmap(load_roadmap(), registry)
+    missing = not_on_roadmap(plan(registry, load_rules()), registry)
     if missing:
-        err.print(f"[yellow]on no roadmap day yet:[/] {', '.join(missing)} (add them to learning/roadmap.toml)",
-                  highlight=False, soft_wrap=True)
+        err.print(f"[yellow]on no roadmap day yet:[/] {', '.join(missing)} (name their categories in a track "
+                  f"of learning/roadmap.toml)", highlight=False, soft_wrap=True)
     stale = [path for path, text in docs.items()
              if not path.exists() or path.read_text(encoding="utf-8") != text]
     for path in stale:

@@ -19,9 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
 
-from core.cli import Parser, crash_log, guard, path_argument  # noqa: E402
+from core.cli import Console, Parser, crash_log, guard, path_argument  # noqa: E402
 from core.contract import LANGS  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.paths import workdir  # noqa: E402

@@ -5,9 +5,11 @@
     python scripts/interview_brief.py --module gae --lang en --preset toy --out gae_brief.md
 
 Sections, each timed for speaking: definition (30 s), how it works (60 s), what I ran and what it
-showed (60 s: config, final metrics, checks, plots of the latest run, found through the run index),
-engineering pitfalls (30 s), one comparison answer, three follow-up questions from the module's
-bank. With no run yet it says so and prints the command that makes one (exit 0).
+showed (60 s: two sentences to say aloud from the run's numbers, then config, checks, final metrics
+and plots of the latest run, found through the run index), engineering pitfalls (30 s), one
+comparison answer, three follow-up questions from the module's bank. A Chinese brief names, in one
+line, any part still in English for want of a translation. With no run yet it says so and prints the
+command that makes one (exit 0).
 Exit status (core/cli.py): 0 brief written, 2 bad input (unknown module or preset, unreadable run, an
 --out path that cannot be written: checked before the brief is made), 3 an internal error (traceback
 in output/crash/interview_brief.log), 130 interrupted.
@@ -20,10 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
 from rich.markdown import Markdown  # noqa: E402
 
-from core.cli import Parser, crash_log, guard, path_argument  # noqa: E402
+from core.cli import Console, Parser, crash_log, guard, path_argument  # noqa: E402
 from core.contract import LANGS  # noqa: E402
 from core.registry import discover  # noqa: E402
 from learning.briefs import brief_for, check_output, write_text  # noqa: E402

@@ -6,10 +6,21 @@
     python scripts/interview_qa.py --due --level 3           # only due level-3 questions
     python scripts/interview_qa.py --answers-file my.toml    # no prompts: answers from a file
     python scripts/interview_qa.py --stats                   # mastery per module and level, due, streak
+    python scripts/interview_qa.py --judge http://127.0.0.1:8000/v1   # an LLM judge grades (learning/judge.py)
 
-Each question: type an answer (Esc then Enter submits) -> the key points it hit and missed -> the
-model answer -> confirm or override the suggested grade -> fsrs schedules the next review and the
-review is saved at once. Ctrl-C or Ctrl-D ends the session; every answer already given is kept.
+Each question: type an answer (Esc then Enter submits; an empty one is asked again) -> it is graded
+(learning.grader.grade_question): the key points it hit and missed and the wrong claims it made ->
+only then the model answer -> confirm or override the suggested grade -> fsrs schedules the next
+review and the review is saved at once. Ctrl-C ends the session at either prompt, Ctrl-D on an
+empty answer; every answer already given is kept. An answer left at the grade prompt is kept as
+graded but unrated (learning/progress_db.py says how the next session treats it); Esc then Enter
+there picks no grade, so the prompt is asked again.
+
+With --judge URL an OpenAI-compatible model server you run grades instead (learning/judge.py); when
+it does not answer, one line says why and the rest of the session is graded offline.
+
+Mastery (--stats) needs your rating and the grade to agree: your latest review of the question is
+rated Good or Easy and its answer was graded Good or Easy (learning/progress_db.py).
 
 Answers file (TOML, or JSON with the same shape when the name ends in .json), in the order to ask:
 
@@ -40,31 +51,32 @@ import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import fsrs  # noqa: E402
 import questionary  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.panel import Panel  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from core.cli import Parser, crash_log, guard, path_argument  # noqa: E402
+from core.cli import Console, Parser, crash_log, guard, path_argument  # noqa: E402
 from core.contract import LEVELS, Question  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.registry import Registry, discover  # noqa: E402
-from learning.grader import MAX_ANSWER_CHARS, AnswerTooLong, Grade, grade  # noqa: E402
-from learning.progress_db import ProgressDB  # noqa: E402
+from learning.grader import MAX_ANSWER_CHARS, AnswerTooLong, Grade, grade_question, readable_claim  # noqa: E402
+from learning.judge import Judge, JudgeUnavailable  # noqa: E402
+from learning.progress_db import UNRATED, ProgressDB  # noqa: E402
 from learning.questions import all_questions  # noqa: E402
 
 INTERACTIVE_COUNT = 10
 SPAN_CHARS = 90
 
-console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+console = Console()
+err = Console(stderr=True)
 
 
 class BadInput(UserError):
@@ -72,12 +84,11 @@ class BadInput(UserError):
 
 
 class EndSession(Exception):
-    """The learner cancelled a prompt (questionary answers None)."""
+    """The learner cancelled a prompt with Ctrl-C (questionary answers None)."""
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -94,6 +105,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stats", action="store_true", help="mastery per module and level, due counts, streak")
     p.add_argument("--db", type=path_argument, metavar="PATH", help="progress database (default: output/progress.db)")
     p.add_argument("--seed", type=int, help="seed for the question order (default: a fresh order each time)")
+    p.add_argument("--judge", metavar="URL", help="grade with the LLM at this OpenAI-compatible base URL, e.g. "
+                                                  "http://127.0.0.1:8000/v1 (offline when it does not answer)")
+    p.add_argument("--judge-model", metavar="NAME", help="the judge's model (default: the first the server lists)")
     args = p.parse_args(argv)
     if args.count is not None and args.count < 1:
         p.error("--count must be at least 1")
@@ -114,22 +128,32 @@ class Interactive:
     kind = "interactive"
 
     def answer(self, question: Question) -> str:
-        """The typed answer; one over MAX_ANSWER_CHARS is refused and asked again."""
+        """The typed answer; an empty one (Esc then Enter before typing) or one over MAX_ANSWER_CHARS is
+        refused and asked again. Ctrl-C raises EndSession, Ctrl-D (on an empty answer) EOFError."""
         while True:
             text = questionary.text("Your answer", multiline=True,
                                     instruction="(Esc then Enter submits; Ctrl-C ends the session)").ask(kbi_msg="")
             if text is None:
                 raise EndSession
-            if len(text) <= MAX_ANSWER_CHARS:
+            if not text.strip():
+                err.print("[yellow]The answer is empty[/]: say what you would say (\"I don't know\" is an answer), "
+                          "or Ctrl-C to end the session.")
+            elif len(text) > MAX_ANSWER_CHARS:
+                err.print(f"[yellow]{escape(str(AnswerTooLong(len(text))))}[/]: shorten it and answer again.")
+            else:
                 return text
-            err.print(f"[yellow]{escape(str(AnswerTooLong(len(text))))}[/]: shorten it and answer again.")
 
     def rating(self, question: Question, result: Grade) -> fsrs.Rating:
-        choice = questionary.select("Your grade", choices=[r.name for r in fsrs.Rating],
-                                    default=result.suggested.name).ask(kbi_msg="")
-        if choice is None:
-            raise EndSession
-        return fsrs.Rating[choice]
+        """The chosen rating. Esc then Enter makes questionary answer '' (no choice): asked again."""
+        names = [r.name for r in fsrs.Rating]
+        while True:
+            choice = questionary.select("Your grade", choices=names, default=result.suggested.name).ask(kbi_msg="")
+            if choice is None:
+                raise EndSession
+            if choice in names:
+                return fsrs.Rating[choice]
+            err.print("[yellow]No grade chosen[/]: pick one with the arrow keys and Enter, or Ctrl-C to leave "
+                      "(your answer is kept, unrated).")
 
 
 @dataclass
@@ -216,21 +240,45 @@ def session_questions(bank: list[Question], args: argparse.Namespace, db: Progre
 class Answered:
     question: Question
     result: Grade
-    rating: fsrs.Rating
-    card: fsrs.Card
+    rating: fsrs.Rating | None = None
+    """None: left before rating (kept unrated, nothing scheduled)"""
+    card: fsrs.Card | None = None
+
+
+class Grader:
+    """The offline grader, or the LLM judge until it fails once: then one line says why and the rest
+    of the session is graded offline (a judge that timed out once would make every question wait)."""
+
+    def __init__(self, judge: Judge | None = None):
+        self.judge = judge
+
+    def __call__(self, answer: str, question: Question) -> Grade:
+        if self.judge is not None:
+            try:
+                return self.judge.grade(answer, question)
+            except JudgeUnavailable as exc:
+                console.print(f"[yellow]The judge did not grade:[/] {escape(str(exc))}. "
+                              "Grading offline from here on.", soft_wrap=True)
+                self.judge = None
+        return grade_question(answer, question)
 
 
 def run_session(questions: list[Question], db: ProgressDB, source: AnswerSource, mode: str,
-                clock=utcnow) -> list[Answered]:
+                clock=utcnow, grader: Callable[[str, Question], Grade] = grade_question) -> list[Answered]:
     session_id = db.start_session(mode, clock())
     answered: list[Answered] = []
     try:
         for i, question in enumerate(questions, 1):
             show_question(question, i, len(questions))
             answer = source.answer(question)
-            result = grade(answer, question.key_points)
-            show_grade(question, result)
-            rating = source.rating(question, result)
+            result = grader(answer, question)
+            try:
+                show_grade(question, result)
+                rating = source.rating(question, result)
+            except (EndSession, KeyboardInterrupt, EOFError):
+                db.record_unrated(question, result, answer, session_id, clock())  # graded: keep it
+                answered.append(Answered(question, result))
+                raise
             now = clock()
             card = db.record_review(question, rating, result, answer, session_id, now)
             show_scheduled(rating, card, now)
@@ -249,15 +297,29 @@ def show_question(question: Question, i: int, n: int) -> None:
 
 
 def show_grade(question: Question, result: Grade) -> None:
+    """What the grade found, then the model answer: only after the learner has answered."""
     for hit in result.hits:
-        span = " ".join(hit.span.split())
-        span = span if len(span) <= SPAN_CHARS else span[:SPAN_CHARS - 1] + "…"
-        console.print(f"  [green]✓[/] {escape(hit.key_point)}  [dim]← “{escape(span)}”[/]")
+        console.print(f"  [green]✓[/] {escape(readable_claim(hit.key_point))}  [dim]← “{escape(short(hit.span))}”[/]")
     for miss in result.misses:
-        console.print(f"  [red]✗[/] {escape(miss)}")
-    console.print(f"  score {len(result.hits)}/{len(question.key_points)} = {result.score:.2f}"
-                  f"  → suggested grade [bold]{result.suggested.name}[/]")
+        console.print(f"  [red]✗[/] {escape(readable_claim(miss))}")
+    for negated in result.contradicted:
+        console.print(f"  [red]negated:[/] {escape(readable_claim(negated.key_point))}  "
+                      f"[dim]← “{escape(short(negated.span))}”[/]")
+    for wrong in result.misconceptions:
+        console.print(f"  [red]wrong:[/] {escape(readable_claim(wrong.key_point))}  [dim]← “{escape(short(wrong.span))}”[/]")
+    if result.prose < 1:
+        console.print(f"  [yellow]reads as a list of terms, not sentences:[/] the score is scaled by {result.prose:.2f}")
+    if result.feedback:
+        console.print(f"  [dim]{result.grader}:[/] {escape(result.feedback)}")
+    claims = f", {len(result.misconceptions)} wrong claim(s)" if result.misconceptions else ""
+    console.print(f"  {len(result.hits)} of {len(result.hits) + len(result.misses)} key points{claims}: "
+                  f"score {result.score:.2f}  → suggested grade [bold]{result.suggested.name}[/]")
     console.print(Panel(escape(question.answer), title="model answer", title_align="left", border_style="dim"))
+
+
+def short(span: str) -> str:
+    span = " ".join(span.split())
+    return span if len(span) <= SPAN_CHARS else span[:SPAN_CHARS - 1] + "…"
 
 
 def until(due: datetime, now: datetime) -> str:
@@ -279,11 +341,14 @@ def show_summary(answered: list[Answered], planned: int, db: ProgressDB) -> None
         return
     table = Table(title=f"session: {len(answered)} of {planned} questions answered")
     for col, justify in (("question", "left"), ("module", "left"), ("level", "right"), ("score", "right"),
-                         ("grade", "left"), ("next review (UTC)", "left")):
+                         ("grade", "left"), ("next review (UTC)", "left"), ("mastery evidence", "left")):
         table.add_column(col, justify=justify)
+    evidence = db.mastery_evidence(a.question for a in answered)
     for a in answered:
+        rated = a.rating is not None
         table.add_row(a.question.id, a.question.module, str(a.question.level), f"{a.result.score:.2f}",
-                      a.rating.name, f"{a.card.due:%Y-%m-%d %H:%M}")
+                      a.rating.name if rated else UNRATED, f"{a.card.due:%Y-%m-%d %H:%M}" if rated else "—",
+                      evidence[a.question.id])
     console.print(table)
     mean = sum(a.result.score for a in answered) / len(answered)
     console.print(f"mean score {mean:.2f}; progress saved to {db.path}")
@@ -297,7 +362,8 @@ def show_stats(bank: list[Question], db: ProgressDB, module: str | None, now: da
     mastery = db.mastery(shown)
     due = set(db.due_cards(now))
     drilled = set(db.cards())
-    table = Table(title="mastery: share of questions last graded Good/Easy and in FSRS review state")
+    table = Table(title="mastery: share of questions whose latest review you rated Good/Easy and whose answer "
+                        "was graded Good/Easy")
     for col in ("module", "questions", "drilled", "due now", *(f"level {lvl}" for lvl in LEVELS), "all levels"):
         table.add_column(col, justify="left" if col == "module" else "right")
     for name in sorted({q.module for q in shown}):
@@ -314,7 +380,8 @@ def show_stats(bank: list[Question], db: ProgressDB, module: str | None, now: da
     console.print(f"all modules — streak: {streak} day{'' if streak == 1 else 's'}   reviews: {stats['reviews']}   "
                   f"sessions: {stats['sessions']}   mean score: {mean}   "
                   f"due now: {len(due & {q.id for q in bank})}")
-    console.print("ratings: " + ", ".join(f"{k} {v}" for k, v in stats["reviews_by_rating"].items()))
+    console.print("ratings: " + ", ".join(f"{k} {v}" for k, v in stats["reviews_by_rating"].items())
+                  + f"; {UNRATED}: {stats['unrated']}")
 
 
 # --- entry point ------------------------------------------------------------------------------------
@@ -354,7 +421,8 @@ def interview(argv: list[str]) -> int:
         if not questions:
             console.print("Nothing to ask with these filters" + (": no question is due now." if args.due else "."))
             return 0
-        run_session(questions, db, source, describe_mode(args, source), clock=utcnow)
+        judge = Judge(args.judge, args.judge_model) if args.judge else None
+        run_session(questions, db, source, describe_mode(args, source), clock=utcnow, grader=Grader(judge))
     return 0
 
 

@@ -20,14 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.cli import Parser, crash_log, guard  # noqa: E402
+from core.cli import Console, Parser, crash_log, guard  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.paths import workdir  # noqa: E402
 from core.planted_bugs import build_upstream, hunt_all  # noqa: E402

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Where you are on the 14-day roadmap, what is done and which level checkpoints pass: computed from
-your run index (output/run_index.json), drill history (output/progress.db) and latest smoke report.
+"""Where you are on the 14-day roadmap, what is done, which level checkpoints pass and what each level
+still lacks: computed from your run index (output/run_index.json), drill history (output/progress.db)
+and latest smoke report.
 
     python scripts/progress.py                      # today's day and its items, every day, the levels
     python scripts/progress.py --day 5              # the items of day 5
@@ -9,7 +10,10 @@ your run index (output/run_index.json), drill history (output/progress.db) and l
     python scripts/progress.py --json               # the whole report as JSON
 
 Day 1 is the date of your first drill review or your earliest run still in the run index, whichever
-is earlier (the headline says which); --start overrides it. Nothing is written. A bad row in the
+is earlier (the headline says which); --start overrides it. For every level not reached, the report
+says what it still lacks: the runs not made or failing, and per mastery criterion how many questions
+are short of it and why (never answered, answered but not rated, rated low, graded low), with their ids
+(all of them in --json, under each criterion's "questions"). Nothing is written. A bad row in the
 progress database is reported in one warning line and left out.
 Exit status (core/cli.py): 0 shown, 2 bad input (unknown day or module, a bad date, a --db file that
 is not a Finetune progress database, a roadmap that names something that does not exist), 3 an
@@ -26,30 +30,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
-from core.cli import Parser, crash_log, guard, path_argument  # noqa: E402
+from core.cli import Console, Parser, crash_log, guard, path_argument  # noqa: E402
+from core.errors import UserError  # noqa: E402
 from core.registry import discover  # noqa: E402
-from learning.roadmap import ROADMAP_DAYS, print_progress, progress_report  # noqa: E402
+from learning.roadmap import print_progress, progress_report  # noqa: E402
 
-console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+console = Console()
+err = Console(stderr=True)
 
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--day", type=int, metavar="N", help=f"show the items of day N (1-{ROADMAP_DAYS})")
+    p.add_argument("--day", type=int, metavar="N", help="show the items of day N")
     p.add_argument("--module", metavar="NAME", help="only the days that name this module")
     p.add_argument("--start", type=date.fromisoformat, metavar="YYYY-MM-DD",
                    help="the date of day 1 (default: your first run or drill review)")
     p.add_argument("--db", type=path_argument, metavar="PATH", help="progress database (default: output/progress.db)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = p.parse_args(argv)
-    if args.day is not None and not 1 <= args.day <= ROADMAP_DAYS:
-        p.error(f"unknown day {args.day}: the roadmap has days 1-{ROADMAP_DAYS}")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +67,8 @@ def show(argv: list[str]) -> int:
     if args.module is not None:
         registry.get(args.module)  # UnknownModule, with close matches
     report = progress_report(registry, args.db, datetime.now(timezone.utc), args.start)
+    if args.day is not None and not 1 <= args.day <= report["days_total"]:  # the day count is the roadmap's rule
+        raise UserError(f"unknown day {args.day}: the roadmap has days 1-{report['days_total']}")
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:

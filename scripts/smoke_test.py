@@ -23,22 +23,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.cli import INTERRUPTED, Parser, crash_log, guard, path_argument  # noqa: E402
+from core.cli import Console, INTERRUPTED, Parser, crash_log, guard, path_argument  # noqa: E402
 from core.registry import Module, Registry, discover  # noqa: E402
 from learning import smoke  # noqa: E402
 
 STATUS_STYLE = {"PASS": "green", "CHECK_FAILED": "yellow", "FAIL": "red", "TIMEOUT": "magenta"}
 ERROR_TAIL_LINES = 5
 
-console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+console = Console()
+err = Console(stderr=True)
 
 
 def number(kind: type, low: float = 0.0, strict: bool = True) -> Any:

@@ -151,8 +151,10 @@ def _module(**changes) -> Module:
 
 
 QUESTIONS = '[[question]]\nid = "demo-q"\nlevel = 1\nq = "?"\nanswer = "!"\nkey_points = ["x"]\n'
-BRIEF_SECTION = 'definition = "d"\nhow_it_works = "h"\npitfalls = ["p"]\ncomparison_q = "c?"\ncomparison = "c"\n'
-BRIEF = f"[en]\n{BRIEF_SECTION}[zh]\n{BRIEF_SECTION}"
+BRIEF_SECTION = ('definition = "d"\nhow_it_works = "h"\npitfalls = ["p"]\ncomparison_q = "c?"\ncomparison = "c"\n'
+                 'ran_aloud = "The loss fell to {loss:.2f}."\n')
+BRIEF = (f'[en]\n{BRIEF_SECTION}[zh]\n{BRIEF_SECTION}title = "t"\n[zh.metrics]\nloss = "l"\n'
+         '[zh.checks]\n"loss < 1" = "c"\n')
 BUGS = "".join(f'[[bug]]\nid = "b{i}"\ntitle = "t"\nfile = "core/checks.py"\nfind = \'"{op}": operator.{name}\'\n'
                f'replace = \'"{op}": operator.ne\'\nsymptom = "s"\ncaught_by = ["check:loss"]\n'
                for i, (op, name) in enumerate([("<", "lt"), (">", "gt"), ("<=", "le")]))

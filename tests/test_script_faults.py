@@ -157,7 +157,8 @@ def test_a_bad_row_is_reported_once_and_skipped(case, cli, tmp_path, bank):
     assert f"reviews: {1 if table == 'reviews' else 2}" in out, "the good rows still count"
 
     code, out, err = cli(progress.main, "--json", "--db", path)
-    assert code == 0 and f"table {table}" in one_line(err, "warning: ")
+    # progress reads the reviews only (mastery is evidence from them): a bad card row is not its business
+    assert code == 0 and (f"table {table}" in one_line(err, "warning: ") if table == "reviews" else err == "")
     assert json.loads(out)["review_days"] == 1, "the good review still dates the drilling"
 
     assert path.read_bytes() == before, "reading never modifies the database"

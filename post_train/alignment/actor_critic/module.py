@@ -9,6 +9,9 @@ MODULE = Module(
     title="A2C: synchronous advantage actor-critic with GAE on vectorised CartPole",
     summary="Step 8 CartPole envs a fixed number of steps, estimate advantages with GAE (bootstrapping "
             "time-limit truncations), take one step on policy loss + value loss - entropy bonus.",
+    interview_weight=3,
+    interview_outcome="Explain what the critic replaces in REINFORCE, what the value loss and the entropy bonus do, "
+                      "and why a time-limit truncation is bootstrapped while a termination is not.",
     presets={
         "toy": Config(total_steps=50_000, n_seeds=2, max_episode_steps=200),
         "default": Config(),

@@ -12,6 +12,9 @@ MODULE = Module(
             "each group (no critic), optimise the clipped token ratio with a k3 KL penalty to the sft model; "
             "held-out accuracy before and after, reward, KL, clipping, length and zero-variance groups.",
     depends=("sft",),
+    interview_weight=5,
+    interview_outcome="Write the GRPO objective from memory and say what the group mean replaces; explain why a "
+                      "group of equal rewards teaches nothing and why the ratio is 1 on the first step.",
     presets={"toy": Config(**TOY_PRESET), "default": Config()},
     run=run,
     produces_lm=True,

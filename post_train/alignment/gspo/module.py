@@ -12,6 +12,9 @@ MODULE = Module(
             "and the paper's tiny clip range, on the same task from the same sft model; ratio spread, clip "
             "fraction and held-out accuracy plotted against the grpo run of the same preset.",
     depends=("sft", "grpo"),
+    interview_weight=4,
+    interview_outcome="Contrast GSPO's length-normalised sequence ratio and its clip with GRPO's token ratios, and "
+                      "quote the clipped share of each from your runs.",
     presets={"toy": Config(**TOY_PRESET), "default": Config()},
     run=run,
     produces_lm=True,

@@ -9,6 +9,10 @@ MODULE = Module(
     title="REINFORCE with reward-to-go, with and without a learned baseline, on CartPole",
     summary="The first policy-gradient learner: sample complete episodes, weight each log-probability by "
             "the reward-to-go (minus a learned V(s)), take a gradient step; learning curves over seeds.",
+    interview_weight=4,
+    interview_outcome="Derive the policy gradient with the log-derivative trick, say why reward-to-go and a learned "
+                      "baseline cut variance without adding bias, and compare your learning curves with and without "
+                      "the baseline.",
     presets={
         "toy": Config(updates=30, n_seeds=3),
         "default": Config(),

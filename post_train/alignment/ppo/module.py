@@ -14,6 +14,10 @@ MODULE = Module(
     summary="Proximal Policy Optimization with the clipped surrogate, GAE, minibatch epochs, value clipping "
             "and an annealed learning rate on vectorised CartPole-v1; approx-KL, clip fraction and explained "
             "variance logged per update, steps-to-475 measured over seeds.",
+    interview_weight=5,
+    interview_outcome="Write the clipped surrogate and say what the clip removes and what it does not; read "
+                      "approx-KL, clip fraction and explained variance off your run, and map CartPole PPO onto RLHF "
+                      "PPO (tokens, reward model, KL penalty).",
     presets={
         "toy": Config(total_steps=15_360, max_episode_steps=200),
         "default": Config(n_seeds=3),

@@ -11,6 +11,9 @@ MODULE = Module(
             "worked answers (plus story requests): the loss covers response tokens only; held-out accuracy and "
             "format compliance of the base and the fine-tuned model, measured in the same run.",
     depends=("nanogpt",),
+    interview_weight=5,
+    interview_outcome="Explain why the loss counts only the response tokens and what the chat template adds; quote "
+                      "your run's strict and lenient held-out accuracy and say why they differ.",
     presets={
         "toy": Config(n_problems=1500, n_held_out=90, steps=450, batch_size=32, lr=2e-3, warmup=20, eval_every=150,
                       checkpoint_every=150),

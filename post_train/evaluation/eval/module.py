@@ -11,6 +11,9 @@ MODULE = Module(
             "accuracy with a Wilson interval, pass@1 and pass@8, format compliance, and perplexity on held-out "
             "stories (what alignment costs the language model); a terminal table, CSV and a bar chart.",
     depends=("sft",),
+    interview_weight=3,
+    interview_outcome="Read your leaderboard's strict and lenient columns with their Wilson intervals, say how much "
+                      "of GRPO's gain was the answer's format, and explain pass@k.",
     presets={
         "toy": Config(n_stories=60),
         "default": Config(),

@@ -11,6 +11,9 @@ MODULE = Module(
     summary="Train a behaviour-cloning model G(a|s) and a Q-network that may only pick actions with "
             "G(a|s)/max G >= tau, on fixed CartPole-v1 datasets (expert, noisy, random behaviour); sweep tau "
             "from 0 (offline DQN) to 1 (behaviour cloning) and compare with the behaviour policy.",
+    interview_weight=1,
+    interview_outcome="Contrast BCQ's constraint (only actions the data supports) with CQL's penalty, and say what "
+                      "the threshold τ trades off.",
     presets={
         "toy": Config(dataset_size=5_000, updates=1_500, tau_sweep=(), eval_every=500, final_eval_episodes=10),
         "default": Config(),

@@ -12,6 +12,9 @@ MODULE = Module(
             "datasets (expert, noisy, random behaviour) for the same number of updates: DQN's values explode "
             "on actions the data never took and its policy collapses, CQL's conservative term keeps the "
             "values below 1/(1-gamma) and the policy at or above the behaviour's.",
+    interview_weight=2,
+    interview_outcome="Explain why naive offline DQN overestimates actions the data never took and how CQL's "
+                      "penalty makes the learned Q a lower bound.",
     presets={
         "toy": Config(dataset_size=5_000, updates=2_000, eval_every=500, final_eval_episodes=10),
         "default": Config(),

@@ -19,6 +19,9 @@ MODULE = Module(
     summary="Estimate advantages with the shared core.rl.gae on a small random MDP with a deliberately "
             "wrong critic, and measure bias², variance and MSE against the exact Q^pi(s,a) - V_hat(s) "
             "for lambda from 0 to 1; lambda=1 is unbiased, lambda=0 is not, and the MSE optimum lies between.",
+    interview_weight=3,
+    interview_outcome="Derive GAE as an exponentially weighted sum of TD errors, name what λ = 0 and λ = 1 reduce "
+                      "to, and read the bias² and variance of each λ off your own run.",
     presets={
         "toy": Config(n_envs=4000, horizon=64),
         "default": Config(n_envs=16000, horizon=128),

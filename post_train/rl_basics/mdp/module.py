@@ -10,6 +10,10 @@ MODULE = Module(
     summary="Solve FrozenLake-v1 from its own transition model with value iteration and policy "
             "iteration, check both against a closed-form linear solve, then play the greedy policy "
             "in the real environment.",
+    interview_weight=2,
+    interview_outcome="Write the Bellman optimality equation from memory and say why value iteration and policy "
+                      "iteration must reach the same V*; quote your run's greedy success rate against the model's "
+                      "exact value and the random policy.",
     presets={
         "toy": Config(eval_episodes=2000),
         "default": Config(eval_episodes=20000),

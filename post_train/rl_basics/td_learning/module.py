@@ -11,6 +11,9 @@ MODULE = Module(
             "against its closed-form values, then train SARSA and Q-learning on gymnasium's "
             "CliffWalking-v1: the on-policy learner earns more while exploring, the off-policy one "
             "learns the optimal cliff-edge path. The control loop checkpoints and resumes.",
+    interview_weight=2,
+    interview_outcome="Explain bootstrapping and the λ-return as a mix of n-step returns; say which of SARSA and "
+                      "Q-learning walks the cliff edge and why the other earns more while it learns.",
     presets={
         "toy": Config(prediction_runs=30, control_runs=8, checkpoint_every=100),
         "default": Config(),

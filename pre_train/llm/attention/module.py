@@ -10,6 +10,9 @@ MODULE = Module(
     summary="The same tiny Llama-style model with six attention variants: KV-cache bytes per token "
             "measured from the allocated cache next to each closed form, parameters, cached decode "
             "speed, and val loss after the same short pretraining on generated stories.",
+    interview_weight=5,
+    interview_outcome="Write scaled dot-product attention with its causal mask; say how MQA, GQA and MLA shrink the "
+                      "KV cache and what sparse attention saves instead, quoting your run's cache bytes per token.",
     presets={
         "toy": Config(n_stories=200, n_embd=64, n_head=4, kv_lora_rank=32, block_size=64, sparse_block=8,
                       nsa_window=16, steps=40, warmup=5, batch_size=8, eval_batches=4, decode_tokens=48),

@@ -10,6 +10,9 @@ MODULE = Module(
     summary="Train a tiny MoE next-token model on a synthetic Markov source three ways (no aux loss, "
             "Switch/Mixtral aux loss, DeepSeekMoE shared + fine-grained experts) and watch the expert "
             "load: imbalance over training, load histograms, capacity factor vs dropped tokens.",
+    interview_weight=4,
+    interview_outcome="Explain why a router collapses without a balancing loss and what capacity and shared experts "
+                      "change; quote your run's expert imbalance and dropped-token share with and without the loss.",
     presets={
         "toy": Config(train_tokens=40_000, val_tokens=8_000, steps=300, log_every=20),
         "default": Config(),

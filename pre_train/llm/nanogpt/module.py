@@ -10,6 +10,10 @@ MODULE = Module(
     summary="Pretrain any architecture of the shared transformer family from scratch on generated stories: "
             "val loss against the corpus's unigram entropy, perplexity, decoded samples, tokens/s and MFU "
             "against the fp32 matmul peak measured in the same process; torchrun DDP on CPU (gloo).",
+    interview_weight=5,
+    interview_outcome="Quote your pretraining run's val loss against the unigram entropy, and its MFU with what "
+                      "limits it; explain warmup + cosine, gradient accumulation and why norms and embeddings get "
+                      "no weight decay.",
     presets={
         "toy": Config(n_stories=400, vocab_size=512, n_layer=2, n_embd=64, n_head=4, block_size=128, steps=250,
                       batch_size=8, lr=5e-3, warmup=10, eval_every=50, eval_batches=4, checkpoint_every=50,

@@ -10,6 +10,10 @@ MODULE = Module(
     summary="Train a from-scratch byte-level BPE and a sentencepiece BPE on the same story corpus, "
             "compare compression, vocabulary use and segmentations, and keep the sentencepiece model "
             "as the tokenizer of every later LLM module.",
+    interview_weight=5,
+    interview_outcome="Train BPE by hand on a five-word corpus (count pairs, merge the most frequent, repeat), say "
+                      "why starting from bytes leaves nothing out of vocabulary, and quote your run's bytes per "
+                      "token for both tokenizers.",
     presets={
         "toy": Config(n_stories=300, val_fraction=0.1, vocab_size=1024, vocab_sweep=(384, 512, 768)),
         "default": Config(),
