@@ -15,7 +15,7 @@ from core.data.word_problems import (TIERS, correct, extract_answer, generate_pr
                                      score, well_formed)
 from core.nn.model import Transformer, scaled_config
 from core.nn.sampling import sample_responses
-from core.nn.sequences import left_pad, masked_mean, right_pad, token_logprobs
+from core.nn.sequences import left_pad, masked_mean, right_pad, sequence_logprobs, token_logprobs
 
 
 def tiny(arch: str = "llama", vocab: int = 40, block: int = 32) -> Transformer:
@@ -143,3 +143,18 @@ def test_rollout_mask_covers_the_response_and_nothing_of_the_prompt(tok):
         ones = mask.nonzero().flatten()
         assert ones.tolist() == list(range(len(prompt) - 1, len(prompt) - 1 + len(ones)))  # contiguous
         assert 1 <= len(ones) <= 6
+
+
+def test_sequence_logprobs_sum_the_response_tokens_only_read_from_the_logits_before_them():
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 9, 3, 0, 0]])       # prompt 5 6 | response 7 8; prompt 5 | 9 3
+    response = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    logits = torch.randn(2, 5, 11)
+    logp = torch.log_softmax(logits, -1)
+    expected = torch.stack([logp[0, 1, 7] + logp[0, 2, 8], logp[1, 0, 9] + logp[1, 1, 3]])
+    assert torch.allclose(sequence_logprobs(logits, ids, response), expected)
+    assert torch.allclose(sequence_logprobs(logits, ids, response, mean=True), expected / 2)
+    # logits after the response (at pads) change nothing
+    logits[0, 3:] += 100.0
+    logits[1, 2:] += 100.0
+    assert torch.allclose(sequence_logprobs(logits, ids, response), expected)

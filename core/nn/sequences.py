@@ -11,7 +11,8 @@ Log-probs come from shifted logits. The logits at position t predict token t + 1
     log pi(x_t | x_<t) = log_softmax(logits[:, t - 1])[x_t]         t = 1 .. T - 1
 
 `token_logprobs` returns (B, T - 1) with column j holding the log-prob of token j + 1; a mask over
-tokens is shifted the same way (`mask[:, 1:]`). Reading the log-prob of x_t from logits[:, t] (the
+tokens is shifted the same way (`mask[:, 1:]`). `sequence_logprobs` sums them over a response mask:
+log pi(y | x) = sum_t log pi(y_t | x, y_<t), the quantity DPO, ORPO and the reward model compare. Reading the log-prob of x_t from logits[:, t] (the
 position that has already seen x_t) is the off-by-one bug this function exists to rule out.
 """
 from __future__ import annotations
@@ -56,3 +57,12 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def sequence_logprobs(logits: Tensor, ids: Tensor, response_mask: Tensor, mean: bool = False) -> Tensor:
+    """(B,): log pi(response | prompt) summed over the tokens where `response_mask` (B, T) is true,
+    or averaged over them with `mean` (ORPO's length-normalised log-prob). The mask is over tokens of
+    `ids` and is shifted here with the log-probs, so the caller marks response tokens where they sit."""
+    mask = response_mask[:, 1:].to(torch.float32)
+    total = (token_logprobs(logits, ids) * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if mean else total
