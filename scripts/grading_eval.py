@@ -103,6 +103,8 @@ def show(argv: list[str]) -> int:
     p.add_argument("--judge", metavar="URL", help="measure the LLM judge at this OpenAI-compatible base URL")
     p.add_argument("--judge-model", metavar="NAME", help="the judge's model (default: the first the server lists)")
     args = p.parse_args(argv)
+    if args.judge_model and not args.judge:
+        p.error("--judge-model names the judge's model: give the judge's --judge URL too")
     judge = Judge(args.judge, args.judge_model) if args.judge else None
     m, timing = evaluate(judge)
     items = timing.pop("items")

@@ -109,6 +109,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                   "http://127.0.0.1:8000/v1 (offline when it does not answer)")
     p.add_argument("--judge-model", metavar="NAME", help="the judge's model (default: the first the server lists)")
     args = p.parse_args(argv)
+    if args.judge_model and not args.judge:
+        p.error("--judge-model names the judge's model: give the judge's --judge URL too")
     if args.count is not None and args.count < 1:
         p.error("--count must be at least 1")
     return args

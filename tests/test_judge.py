@@ -16,7 +16,7 @@ from core.registry import discover
 from learning.judge import Judge, JudgeUnavailable
 from learning.progress_db import ProgressDB
 from learning.questions import all_questions
-from scripts import interview_qa
+from scripts import grading_eval, interview_qa
 
 QUESTION = Question(id="ac-roles", module="actor_critic", level=1, q="What do the actor and the critic do?",
                     answer="The actor is the policy and picks actions; the critic estimates V(s) for the advantage.",
@@ -155,3 +155,9 @@ def test_the_drill_grades_with_the_judge_and_falls_back_offline_with_one_line(st
     assert len(stub.requests) == 1
     with ProgressDB(tmp_path / "b.db") as progress:
         assert [r["graded_by"] for r in progress.reviews()] == ["offline", "offline"]
+
+
+def test_a_judge_model_without_a_judge_is_bad_input(capsys):
+    for main in (interview_qa.main, grading_eval.main):
+        assert main(["--judge-model", "m"]) == 2
+        assert "give the judge's --judge URL" in capsys.readouterr().err
