@@ -198,6 +198,12 @@ class Transformer(nn.Module):
         `key_mask` (B, pos + T) bool marks the real tokens of a left-padded batch (False = padding,
         never attended); None for a batch without padding.
         Sets `self.aux_loss` to the sum of the MoE load-balancing losses (0 for dense FFNs)."""
+        return self.lm_head(self.hidden(idx, caches, pos, key_mask))
+
+    def hidden(self, idx: Tensor, caches: list[dict] | None = None, pos: int = 0,
+               key_mask: Tensor | None = None) -> Tensor:
+        """The final normalised hidden states (B, T, n_embd) that the LM head reads: what a scalar head
+        (reward model, critic: core/nn/heads.py) reads instead. Arguments as for forward."""
         if pos + idx.shape[1] > self.cfg.block_size:
             raise ValueError(f"positions up to {pos + idx.shape[1]} exceed block_size {self.cfg.block_size}")
         x = self.tok_emb(idx)
@@ -205,7 +211,7 @@ class Transformer(nn.Module):
             x = block(x, None if caches is None else caches[i], pos, key_mask)
         aux = [b.ffn.aux_loss for b in self.blocks if isinstance(b.ffn, MoE)]
         self.aux_loss = torch.stack(aux).sum() if aux else torch.zeros((), device=x.device)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
