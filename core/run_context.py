@@ -506,12 +506,13 @@ def upstream_run(ctx: RunContext, name: str) -> tuple[Path, Path]:
     entry = read_run_index().get(name, {}).get(preset)
     link = output_link(upstream, preset)
     folders = (link / MODEL_DIR, link)
-    if entry is not None:
+    if entry is not None and folders[0].is_dir():
         if entry.get("status") != "passed":
             ctx.say(f"note: the latest {name} run at preset {preset} did not pass all its checks; using it anyway")
         return folders
+    why = "none is in the run index" if entry is None else f"the indexed run's {folders[0]} is gone"
     announce = Console(stderr=True).print if ctx.is_main else (lambda *_, **__: None)  # shown at any depth of a chain
-    announce(f"{ctx.module.name} needs a {name} model at preset {preset} and none is in the run index: "
+    announce(f"{ctx.module.name} needs a {name} model at preset {preset} and {why}: "
              f"building it first (python run.py --module {name} --preset {preset})", markup=False, highlight=False)
     rng = global_rng_state()
     result = execute(upstream, preset, console=Console(quiet=True))

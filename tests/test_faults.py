@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from core.config import (ConfigError, InsideWorkdir, Length, Range, Seed, apply_
                          field_types, type_name, undeclared, validate)
 from core.errors import CorruptArtifact
 from core.paths import ROOT
-from core.run_context import RunContext, RunResult, build_config, crashed_folder, read_run_index
+from core.run_context import RunContext, RunResult, build_config, crashed_folder, execute, read_run_index
 
 
 @pytest.fixture
@@ -492,3 +493,34 @@ def test_runs_killed_at_every_point_leave_the_old_run_or_the_new_one(registry, w
     assert assert_one_whole_run(link, {99}) == 99
     assert list((link.parent / artifacts.RUNS).iterdir()) == [link.resolve()], "the next start swept them"
     assert not list(workdir.rglob("*.tmp"))
+
+
+def test_a_chain_rebuilds_an_upstream_whose_model_folder_is_gone(registry, workdir, monkeypatch, capsys):
+    """The run index names the latest upstream run, but its model folder was deleted: the downstream
+    run builds the upstream again (one line says why) instead of failing on a missing file."""
+    import core.registry
+    from core.run_context import upstream_models
+
+    built = []
+
+    def upstream(cfg, ctx):
+        built.append(ctx.preset)
+        ctx.models_dir.mkdir(parents=True)
+        (ctx.models_dir / "weights.txt").write_text("w")
+        return json.loads((ROOT / "assets/results/mdp.json").read_text())["runs"]["toy"]["metrics"]
+
+    def downstream(cfg, ctx):
+        assert (upstream_models(ctx, "mdp") / "weights.txt").read_text() == "w"
+        return json.loads((ROOT / "assets/results/gae.json").read_text())["runs"]["toy"]["metrics"]
+
+    monkeypatch.setattr(registry.get("mdp"), "run", upstream)
+    monkeypatch.setattr(registry.get("gae"), "run", downstream)
+    monkeypatch.setattr(core.registry, "discover", lambda: registry)
+    execute(registry.get("mdp"), "toy")
+    execute(registry.get("gae"), "toy")
+    assert built == ["toy"], "a present upstream is reused"
+    model_dir = next(workdir.rglob("mdp/output/toy/model"))
+    shutil.rmtree(model_dir)
+    execute(registry.get("gae"), "toy")
+    assert built == ["toy", "toy"]
+    assert f"the indexed run's {model_dir} is gone" in capsys.readouterr().err.replace("\n", "")

@@ -175,3 +175,26 @@ def test_hf_transformers_loads_the_export_with_the_same_logits(tmp_path, tied):
     idx = tokens(2, 11)
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx), rtol=1e-4, atol=1e-4)
+
+
+CAUSAL_VARIANTS = [(arch, {}) for arch in NAMED_CONFIGS] + [
+    ("mla", {"mla_absorb": True}), ("mla", {"q_lora_rank": 8}), ("llama", {"tie_embeddings": False}),
+    ("moe", {"moe_renormalize": False}), ("moe", {"n_shared_experts": 1}), ("mqa", {"n_kv_head": 1}),
+]
+
+
+@pytest.mark.parametrize("arch,options", CAUSAL_VARIANTS, ids=[f"{a}-{o}" for a, o in CAUSAL_VARIANTS])
+def test_no_logit_depends_on_a_later_token(arch, options):
+    """Change every token from position t on: the logits before t must not move, for every
+    architecture with every option (fp64, weights large enough for peaked attention and routing)."""
+    model = random_model(arch, **options)
+    T = 19
+    idx = tokens(2, T)
+    with torch.no_grad():
+        full = model(idx)
+        for t in (1, 4, 9, 16):
+            changed = idx.clone()
+            changed[:, t:] = (idx[:, t:] + 1 + torch.arange(T - t)) % 37
+            other = model(changed)
+            torch.testing.assert_close(other[:, :t], full[:, :t], rtol=0, atol=1e-10, msg=f"cut at {t}")
+            assert not torch.allclose(other[:, t], full[:, t]), "the change itself must show"

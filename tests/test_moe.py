@@ -224,3 +224,17 @@ def test_module_markov_source_and_conditional_entropy():
     contexts = torch.tensor([[0, 1], [2, 3], [0, 1]])
     hand = np.mean([-(table[a, b] * np.log(table[a, b])).sum() for a, b in contexts.tolist()])
     assert conditional_entropy(table, contexts) == pytest.approx(hand)
+
+
+def test_capacity_lets_a_later_token_change_an_earlier_ones_output():
+    """Why the causal Transformer builds its MoE without capacity: token 0's 2nd choice waits behind
+    token 1's 1st choice, so changing token 1 alone drops (or serves) token 0's second expert."""
+    torch.manual_seed(0)
+    moe = MoE(D, 8, n_experts=2, top_k=2, capacity_factor=0.5)  # capacity = ceil(0.5 * 2 * 2 / 2) = 1
+    x = torch.randn(2, D)
+    first = int(moe.router(x[:1]).argmax())
+    with torch.no_grad():  # make token 1 prefer the expert token 0 ranks second, then the other one
+        later = [x[1] + 10 * moe.router.weight[1 - first] - 10 * moe.router.weight[first],
+                 x[1] + 10 * moe.router.weight[first] - 10 * moe.router.weight[1 - first]]
+        outputs = [moe(torch.stack([x[0], x1]))[0] for x1 in later]
+    assert not torch.allclose(outputs[0], outputs[1])

@@ -61,8 +61,6 @@ class ModelConfig:
     """always-on shared experts (DeepSeekMoE); 0 for Mixtral"""
     moe_hidden: int = 344
     """hidden width of each expert (fine-grained experts divide ffn_hidden)"""
-    capacity_factor: float | None = None
-    """expert capacity = factor * tokens * top_k / n_experts, extra assignments dropped; none = no limit"""
     moe_renormalize: bool = True
     """renormalise the top-k router weights to sum to 1 (Mixtral) or keep raw softmax (DeepSeek-V2)"""
     # --- MLA (attention = mla)
@@ -115,8 +113,13 @@ class ModelConfig:
 def build_ffn(cfg: ModelConfig) -> nn.Module:
     if cfg.ffn == "dense":
         return SwiGLU(cfg.n_embd, cfg.ffn_hidden)
+    # No capacity factor here, on purpose. Capacity queues fill in the order of the flattened batch,
+    # so whether a token's expert serves it depends on tokens after it (its own sequence's future)
+    # and on the other sequences of the batch; and a cached decoding step, one token, is never over
+    # capacity, so training and inference would disagree. A causal LM routes without dropping;
+    # capacity and dropping are studied on independent tokens in pre_train/llm/moe.
     return MoE(cfg.n_embd, cfg.moe_hidden, cfg.n_experts, cfg.moe_top_k, cfg.n_shared_experts,
-               cfg.capacity_factor, cfg.moe_renormalize)
+               renormalize=cfg.moe_renormalize)
 
 
 class Block(nn.Module):

@@ -28,6 +28,9 @@ assignments per forward. Priority rule: every token's 1st choice is served befor
 choice, and within a choice rank earlier tokens (in flattened batch order b*T + t) come first.
 An assignment over capacity is dropped: that expert contributes nothing to that token (the other
 choices and the shared experts still do; in a transformer the residual stream carries the token on).
+The priority makes a token's fate depend on every other token of the batch, later ones included
+(a 1st choice at position t + 1 goes before a 2nd choice at t): fine for independent tokens, a leak
+of the future in a causal LM, which is why core/nn/model.py builds its MoE layers without capacity.
 """
 from __future__ import annotations
 
