@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) run.py --module grpo --toy
 
+# --dist load hands tests out in collection order, where the toy chain's users come last (tests/conftest.py)
 test: setup
-	$(PY) -m pytest -n auto --dist loadgroup
+	$(PY) -m pytest -n auto --dist load
 
 toy-times: setup
 	$(PY) benchmarks/toy_times.py

@@ -363,14 +363,35 @@ def _cut(modules: list[Module], budget: int) -> list[list[Module]]:
 
 
 def study_days(tracks: list[tuple[Track, list[Module]]], available: int) -> list[tuple[Track, list[Module]]]:
-    """Each track's modules cut into days under the smallest weight budget that fits `available` days."""
+    """Each track's modules cut into days under the smallest weight budget that fits `available` days;
+    then the days a budget step leaves free go to the most-asked topics (`_split_days`)."""
     total = sum(m.interview_weight for _, modules in tracks for m in modules)
     for budget in range(1, max(total, 1) + 1):  # at `total` each track is one day; no module at all: no day
         days = [(track, day) for track, modules in tracks for day in _cut(modules, budget)]
         if len(days) <= available:
-            return days
+            return _split_days(days, available)
     raise RoadmapError(f"learning/roadmap.toml: {sum(bool(m) for _, m in tracks)} tracks with modules do not fit "
                        f"in {available} study days (each starts a day of its own); raise `days`")
+
+
+def _split_days(days: list[tuple[Track, list[Module]]], available: int) -> list[tuple[Track, list[Module]]]:
+    """While study days are free, split a shared day in two, where its weights balance best: first the
+    day with the most-asked module (then the heaviest day, then the earliest). One budget step can free
+    several days at once (a weight-5 module needs a budget of 5 to sit beside a weight-4 one), and a day
+    of its own for a most-asked topic is worth more than a review day."""
+    def weight(modules: list[Module]) -> int:
+        return sum(m.interview_weight for m in modules)
+
+    days = list(days)
+    while len(days) < available:
+        shared = [i for i, (_, modules) in enumerate(days) if len(modules) > 1]
+        if not shared:
+            break
+        i = max(shared, key=lambda i: (max(m.interview_weight for m in days[i][1]), weight(days[i][1]), -i))
+        track, modules = days[i]
+        cut = min(range(1, len(modules)), key=lambda k: abs(weight(modules[:k]) - weight(modules[k:])))
+        days[i:i + 1] = [(track, modules[:cut]), (track, modules[cut:])]
+    return days
 
 
 def drill_count(questions: int, level: int, weight: int) -> int:

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +47,12 @@ def read_metrics(result: RunResult) -> dict:
     return json.loads((result.out_dir / "metrics.json").read_text())
 
 
+# --- the toy post-training chain --------------------------------------------------------------------
 @dataclass
 class Chain:
-    """The toy post-training chain (nanogpt -> sft -> grpo) built once per test process by the
-    command a new user types, from an empty work dir: its output and the folder it filled."""
+    """The toy post-training chain (nanogpt -> sft -> grpo), built once per test session by the
+    command a new user types, from an empty work dir: the folder it filled and its output."""
     folder: Path
-    returncode: int
     output: str
 
     def copy_to(self, workdir: Path) -> None:
@@ -58,39 +60,92 @@ class Chain:
         shutil.copytree(self.folder, workdir, dirs_exist_ok=True, symlinks=True)  # output/<preset> links stay links
 
 
-TOY_CHAIN_GROUP = pytest.mark.xdist_group("toy_chain")
-"""make test runs `--dist loadgroup`: every test that needs the toy chain runs on one worker, which
-builds the chain once (a session fixture is per worker: two workers would build it twice)"""
+CHAIN_MODULE = "grpo"
+"""the chain is `run.py --module grpo --toy` from an empty work dir: grpo's toy run after its upstream's"""
+CHAIN_TIMEOUT_S = 900
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks into node ids
+def pytest_configure(config):
+    config.addinivalue_line("markers", "toy_chain: the test asks for the toy_chain fixture while it runs "
+                                       "(request.getfixturevalue), so it runs last, like the fixture's other users")
+
+
+def needs_toy_chain(item: pytest.Item) -> bool:
+    return "toy_chain" in getattr(item, "fixturenames", ()) or item.get_closest_marker("toy_chain") is not None
+
+
 def pytest_collection_modifyitems(items):
-    for item in items:
-        if "toy_chain" in getattr(item, "fixturenames", ()):
-            item.add_marker(TOY_CHAIN_GROUP)
+    """The toy chain's users run last (a stable sort: every xdist worker collects the same order), so
+    the rest of the suite runs while the chain builds in the background."""
+    items.sort(key=needs_toy_chain)
+
+
+def _chain_dir(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of this session that every xdist worker sees: the parent of the workers' temp dirs."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if hasattr(config, "workerinput") else base) / "toy_chain"
+
+
+_build: tuple[subprocess.Popen, threading.Thread] | None = None
+"""the chain build, in the one process of the session that started it"""
+
+
+def _start_building(folder: Path) -> None:
+    """Start the chain's command in the background into folder/work, unless a process of this
+    session already did; when it ends, folder/returncode holds its exit status."""
+    global _build
+    try:
+        folder.mkdir()  # the claim: exactly one process (xdist worker) of the session creates it
+    except FileExistsError:
+        return
+    # under xdist one thread, like the worker (top of this file); else each module's own choice, as in make demo,
+    # so that a test rerunning a chain module in this process uses the chain's thread count
+    threads = ["--threads", "1"] if os.environ.get("PYTEST_XDIST_WORKER") else []
+    with open(folder / "output.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "run.py", "--module", CHAIN_MODULE, "--toy", *threads],
+                                cwd=Path(__file__).parent.parent, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "FINETUNE_WORKDIR": str(folder / "work")})
+
+    def record_the_end():
+        try:
+            status = str(proc.wait(timeout=CHAIN_TIMEOUT_S))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            status = f"timed out after {CHAIN_TIMEOUT_S} s"
+        (folder / "returncode.tmp").write_text(status)
+        os.replace(folder / "returncode.tmp", folder / "returncode")  # readers never see it half-written
+
+    _build = proc, threading.Thread(target=record_the_end, daemon=True)
+    _build[1].start()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _toy_chain_starts_with_the_session(request, tmp_path_factory):
+    """When a collected test needs the toy chain, its build starts with the session's first test."""
+    if any(needs_toy_chain(item) for item in request.session.items):
+        _start_building(_chain_dir(request.config, tmp_path_factory))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The process that builds the chain stays until it is built: another worker may be waiting for it."""
+    if _build is not None:
+        proc, waiter = _build
+        if exitstatus == pytest.ExitCode.INTERRUPTED:
+            proc.kill()
+        waiter.join()
 
 
 @pytest.fixture(scope="session")
-def toy_chain(tmp_path_factory, request) -> Chain:
-    if getattr(request.config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
-        _claim_the_toy_chain(tmp_path_factory.getbasetemp().parent)
-    folder = tmp_path_factory.mktemp("toy_chain")
-    threads = ["--threads", str(torch.get_num_threads())]  # 1 under xdist, like the rest of the worker
-    proc = subprocess.run([sys.executable, "run.py", "--module", "grpo", "--toy", *threads], cwd=Path(__file__).parent.parent,
-                          env={**os.environ, "FINETUNE_WORKDIR": str(folder)}, capture_output=True, text=True,
-                          timeout=900)
-    return Chain(folder, proc.returncode, proc.stdout + proc.stderr)
-
-
-def _claim_the_toy_chain(run_root: Path) -> None:  # run_root: the folder the workers' temp dirs share
-    """Under --dist loadgroup one worker builds the chain; a second builder means the grouping broke
-    (as pytest 9.2 with pytest-xdist 3.8 does, silently: xdist#1386) and the suite runs the chain twice."""
-    worker = os.environ["PYTEST_XDIST_WORKER"]
-    try:
-        fd = os.open(run_root / "toy_chain.claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        other = (run_root / "toy_chain.claimed").read_text()
-        pytest.fail(f"worker {worker} needs the toy chain that {other} built: --dist loadgroup is not grouping "
-                    f"the xdist_group('toy_chain') tests (check the pytest / pytest-xdist versions)")
-    with os.fdopen(fd, "w") as claim:
-        claim.write(worker)
+def toy_chain(request, tmp_path_factory) -> Chain:
+    folder = _chain_dir(request.config, tmp_path_factory)
+    _start_building(folder)  # already under way when the test was collected as a user of the chain
+    deadline = time.monotonic() + CHAIN_TIMEOUT_S + 60
+    while not (folder / "returncode").exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no end of the toy chain build in {folder}: the process that started it died")
+        time.sleep(1)
+    status, output = (folder / "returncode").read_text(), (folder / "output.log").read_text()
+    if status != "0":
+        pytest.fail(f"the toy chain (run.py --module {CHAIN_MODULE} --toy) failed: exit status {status}\n{output[-3000:]}")
+    return Chain(folder / "work", output)

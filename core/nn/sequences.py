@@ -14,13 +14,17 @@ Log-probs come from shifted logits. The logits at position t predict token t + 1
 tokens is shifted the same way (`mask[:, 1:]`). `sequence_logprobs` sums them over a response mask:
 log pi(y | x) = sum_t log pi(y_t | x, y_<t), the quantity DPO, ORPO and the reward model compare. Reading the log-prob of x_t from logits[:, t] (the
 position that has already seen x_t) is the off-by-one bug this function exists to rule out.
+
+`sft_loss` is the supervised fine-tuning loss on a right-padded batch, shared by full SFT (sft) and
+LoRA / QLoRA SFT (peft).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -66,3 +70,12 @@ def sequence_logprobs(logits: Tensor, ids: Tensor, response_mask: Tensor, mean: 
     mask = response_mask[:, 1:].to(torch.float32)
     total = (token_logprobs(logits, ids) * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if mean else total
+
+
+def sft_loss(model: nn.Module, ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the masked-in target tokens of a right-padded batch.
+    Inputs are ids[:, :-1], targets ids[:, 1:], so the mask is shifted the same way."""
+    logits = model(ids[:, :-1])
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view_as(ids[:, 1:])
+    mask = loss_mask[:, 1:].to(ce.dtype)
+    return (ce * mask).sum() / mask.sum()

@@ -16,7 +16,8 @@ MODULE = Module(
     interview_outcome="Explain why naive offline DQN overestimates actions the data never took and how CQL's "
                       "penalty makes the learned Q a lower bound.",
     presets={
-        "toy": Config(dataset_size=5_000, updates=2_000, eval_every=500, final_eval_episodes=10),
+        "toy": Config(dataset_size=5_000, updates=1_000, batch_size=256, lr=3e-3, eval_every=500, eval_episodes=5,
+                      final_eval_episodes=10),
         "default": Config(),
     },
     run=run,
@@ -52,6 +53,6 @@ MODULE = Module(
               why="DQN's values exceed what any policy can earn: over-estimation by extrapolation"),
         Check("cql_to_behaviour_return_random", ">", 2.0,
               why="from random-behaviour data CQL learns a policy far better than the one that collected it; "
-                  "cloning that data cannot (BC scores ~0.5-1.3 times the behaviour)"),
+                  "cloning that data cannot (BC scores 0.5-1.2 times the behaviour at toy seeds 0-4)"),
     ],
 )

@@ -5,8 +5,9 @@ arithmetic word problems, in one file.
              (core/data/word_problems.py, three tiers) that ends either in the verifiable "The answer
              is N." or in a plain sentence ("So Mia had 12 shells.") the checker does not read, plus
              story requests answered by the start of a story, so the model keeps some language
+             (core/data/chat.py: demonstrations, chat_examples; peft trains on the same ones)
     template <eos> <|user|> instruction <|end|> <|assistant|> response <|end|>  (core/data/chat.py)
-    loss     L = - sum_{b,t} m_{b,t} log p(x_{b,t} | x_{b,<t}) / sum_{b,t} m_{b,t}
+    loss     L = - sum_{b,t} m_{b,t} log p(x_{b,t} | x_{b,<t}) / sum_{b,t} m_{b,t}  (core/nn/sequences.py: sft_loss)
              m = 1 on response tokens and the closing <|end|>, 0 on the prompt and on padding:
              the model is taught to answer and to stop, never to predict the user's words
     batches  right-padded (a causal model never attends to the pads after a token, so padding
@@ -27,16 +28,15 @@ from typing import Annotated
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from core.artifacts import UserError, atomic_write_text
+from core.artifacts import atomic_write_text
 from core.config import Range, Seed
-from core.data.chat import chat_example
+from core.data.chat import chat_examples, demonstrations
 from core.data.tokenizer import Tokenizer
-from core.data.word_problems import Problem, generate_problems, score, story_examples
-from core.nn.model import Transformer, load_model, save_model
+from core.data.word_problems import Problem, generate_problems, score
+from core.nn.model import load_model, save_model
 from core.nn.sampling import answer
-from core.nn.sequences import right_pad
+from core.nn.sequences import right_pad, sft_loss
 from core.nn.training import adamw_groups, cosine_lr
 from core.run_context import upstream_models
 
@@ -82,38 +82,12 @@ class Config:
     """seeds the problems, the batches and the initialisation order"""
 
 
-# --- data --------------------------------------------------------------------------------------
-def build_examples(cfg: Config, tok: Tokenizer, block_size: int) -> tuple[list[list[int]], list[list[int]], int]:
-    """(ids, loss masks, dropped): every training conversation that fits the context."""
-    problems = generate_problems(cfg.n_problems, cfg.tiers, cfg.seed, "train")
-    plain = torch.rand(len(problems), generator=torch.Generator().manual_seed(cfg.seed + 3)) >= cfg.verifiable_fraction
-    pairs = [(p.question, p.plain_solution if d else p.solution) for p, d in zip(problems, plain.tolist())]
-    pairs += story_examples(round(cfg.story_fraction * cfg.n_problems), cfg.seed)
-    ids, masks = [], []
-    for instruction, response in pairs:
-        seq, mask = chat_example(tok, instruction, response)
-        if len(seq) <= block_size:
-            ids.append(seq)
-            masks.append(mask)
-    if not ids:
-        raise UserError(f"no training conversation fits block_size {block_size}")
-    return ids, masks, len(pairs) - len(ids)
-
-
-def sft_loss(model: Transformer, ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the masked-in target tokens of a right-padded batch.
-    Inputs are ids[:, :-1], targets ids[:, 1:], so the mask is shifted the same way."""
-    logits = model(ids[:, :-1])
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view_as(ids[:, 1:])
-    mask = loss_mask[:, 1:].to(ce.dtype)
-    return (ce * mask).sum() / mask.sum()
-
-
 # --- training ----------------------------------------------------------------------------------
 def run(cfg: Config, ctx) -> dict:
     base_dir = upstream_models(ctx, "nanogpt")
     model, tok = load_model(base_dir), Tokenizer.load(base_dir)
-    ids, masks, dropped = build_examples(cfg, tok, model.cfg.block_size)
+    pairs = demonstrations(cfg.n_problems, cfg.tiers, cfg.seed, cfg.verifiable_fraction, cfg.story_fraction)
+    ids, masks, dropped = chat_examples(tok, pairs, model.cfg.block_size)
     held_out = generate_problems(cfg.n_held_out, cfg.tiers, cfg.seed, "held_out")
     ctx.say(f"base model {base_dir}: {model.num_params():,} parameters; {len(ids)} training conversations "
             f"({dropped} longer than block_size {model.cfg.block_size} dropped), {len(held_out)} held-out problems")
