@@ -93,6 +93,8 @@ def test_gqa_matches_head_by_head_reference(n_kv_head):
     expected = reference_gqa(x, attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight,
                              cfg.n_head, n_kv_head, cfg.rope_theta)
     torch.testing.assert_close(attn(x, None, 0), expected, rtol=0, atol=1e-10)
+    _, k, v = attn.project_qkv(x, None, 0)
+    assert k.shape[1] == v.shape[1] == n_kv_head, "K/V stay at the kv heads: no copy per query head"
 
 
 # ----------------------------------------------------------------------------------- MLA
@@ -130,9 +132,12 @@ def test_mla_cache_is_latent_plus_rope_key_only():
 
 # ---------------------------------------------------------------------------------- MoBA
 
-def test_moba_with_top_k_covering_all_blocks_is_full_causal_attention():
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_moba_with_top_k_covering_all_blocks_is_full_causal_attention(n_kv_head):
+    """With 2 kv heads MoBA copies each one to its query heads itself (expand_kv), while the dense GQA
+    reference lets scaled_dot_product_attention group them: the two must pair the same heads."""
     T = 14  # 4 blocks of 4, the last incomplete
-    cfg = tiny("moba", moba_top_k=4, n_kv_head=4)
+    cfg = tiny("moba", moba_top_k=4, n_kv_head=n_kv_head)
     moba = attention_module(MoBA, cfg)
     dense = attention_module(GroupedQueryAttention, cfg)
     dense.load_state_dict(moba.state_dict())

@@ -168,7 +168,10 @@ class GroupedQueryAttention(_CachedAttention):
         return 2 * self.n_kv_head * self.head_dim * self.element_size()  # K and V of each kv head
 
     def project_qkv(self, x: Tensor, cache: dict | None, pos: int) -> tuple[Tensor, Tensor, Tensor]:
-        """q (B, n_head, T, hd) and all visible k, v (B, n_head, pos + T, hd), RoPE applied."""
+        """q (B, n_head, T, hd) and all visible k, v (B, n_kv_head, pos + T, hd), RoPE applied. Query
+        head h reads kv head h // (n_head / n_kv_head); the K/V are not copied out to every query head
+        (`scaled_dot_product_attention(..., enable_gqa=True)` groups the query heads instead), so
+        GQA and MQA read a smaller cache at every decode step rather than a copy as large as MHA's."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -176,8 +179,13 @@ class GroupedQueryAttention(_CachedAttention):
         q, k = self.rope(q, pos), self.rope(k, pos)
         if cache is not None:
             k, v = write_cache(cache, pos, k=k, v=v).values()
-        group = self.n_head // self.n_kv_head  # each kv head serves `group` consecutive query heads
-        return q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return q, k, v
+
+    def expand_kv(self, kv: Tensor) -> Tensor:
+        """(B, n_kv_head, S, hd) -> (B, n_head, S, hd): each kv head copied to the `group` consecutive
+        query heads it serves, for the code that indexes heads itself (MoBA's block gate); none for MHA."""
+        group = self.n_head // self.n_kv_head
+        return kv if group == 1 else kv.repeat_interleave(group, dim=1)
 
     def merge_heads(self, y: Tensor) -> Tensor:
         B, _, T, _ = y.shape
@@ -185,12 +193,15 @@ class GroupedQueryAttention(_CachedAttention):
 
     def forward(self, x: Tensor, cache: dict | None = None, pos: int = 0, key_mask: Tensor | None = None) -> Tensor:
         q, k, v = self.project_qkv(x, cache, pos)
+        grouped = self.n_kv_head != self.n_head
         if key_mask is not None:  # a left-padded batch
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=padded_causal_mask(key_mask, q.shape[2], pos))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=padded_causal_mask(key_mask, q.shape[2], pos),
+                                               enable_gqa=grouped)
         elif k.shape[2] == q.shape[2]:  # no earlier tokens: the plain causal mask (fast kernel)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q.shape[2], pos, x.device))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q.shape[2], pos, x.device),
+                                               enable_gqa=grouped)
         return self.merge_heads(y)
 
 
@@ -299,6 +310,7 @@ class MoBA(GroupedQueryAttention):
     def forward(self, x: Tensor, cache: dict | None = None, pos: int = 0, key_mask: Tensor | None = None) -> Tensor:
         no_padding(key_mask, "MoBA")
         q, k, v = self.project_qkv(x, cache, pos)
+        k, v = self.expand_kv(k), self.expand_kv(v)
         B, H, T, _ = q.shape
         S = k.shape[2]
         q_block = block_index(torch.arange(pos, pos + T, device=x.device), self.block)  # (T,)

@@ -1,0 +1,90 @@
+"""Cached decoding at long context: tokens/s of MHA, GQA, MQA and MLA (naive and absorbed) side by side
+in one process, as a ratio to MHA, with the KV-cache bytes each reads per token.
+
+    python benchmarks/attention_decode.py [--contexts 1024,4096] [--new-tokens 32] [--batch 4] [--threads 1]
+
+Every model has nanogpt's default width and depth (4 layers, d 192, 6 heads; GQA keeps 3 kv heads, MQA 1,
+MLA a latent of 96 plus a 16-dim RoPE key: core/nn/model.py, scaled_config) and random weights: decode
+speed does not depend on what the weights learned. Each measurement decodes `--new-tokens` greedy tokens
+after a prompt of the context length, KV-cached; the prefill is timed apart (a one-token generate from
+the same prompt) and subtracted. Archs alternate within each of `--rounds` rounds and the median is
+kept, so a busy moment of the machine hits every arch alike. Timings vary with the machine and its load:
+read the ratios of one run, never absolute figures across machines.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.nn.model import Transformer, scaled_config  # noqa: E402
+
+ARCHS = {"MHA": ("llama", {}), "GQA": ("gqa", {}), "MQA": ("mqa", {}),
+         "MLA naive": ("mla", {"mla_absorb": False}), "MLA absorbed": ("mla", {"mla_absorb": True})}
+"""row name -> (named config, overrides)"""
+
+
+def build(arch: str, overrides: dict, block_size: int) -> Transformer:
+    torch.manual_seed(0)
+    cfg = scaled_config(arch, vocab_size=4096, block_size=block_size, n_layer=4, n_embd=192, n_head=6, **overrides)
+    return Transformer(cfg).eval()
+
+
+@torch.no_grad()
+def seconds(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    model.generate(prompt, new_tokens, temperature=0.0)
+    return time.perf_counter() - start
+
+
+def decode_rate(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Decoded tokens per second per sequence: new_tokens - 1 steps after the prefill's first token."""
+    return (new_tokens - 1) / max(seconds(model, prompt, new_tokens) - seconds(model, prompt, 1), 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="1024,4096", help="prompt lengths, comma-separated")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    models = {name: build(arch, overrides, max(contexts) + args.new_tokens) for name, (arch, overrides) in ARCHS.items()}
+    rates: dict[tuple[str, int], list[float]] = {}
+    for context in contexts:
+        prompt = torch.randint(0, 4096, (args.batch, context), generator=torch.Generator().manual_seed(context))
+        for name, model in models.items():
+            seconds(model, prompt[:, :64], 2)  # warm-up
+        for _ in range(args.rounds):
+            for name, model in models.items():
+                rates.setdefault((name, context), []).append(decode_rate(model, prompt, args.new_tokens))
+    table = Table(title=f"cached decode, batch {args.batch}, {args.new_tokens} new tokens, {args.threads} thread(s), "
+                        f"median of {args.rounds} alternating rounds")
+    table.add_column("attention")
+    table.add_column("KV cache B/token", justify="right")
+    for context in contexts:
+        table.add_column(f"tok/s at {context}", justify="right")
+        table.add_column("x MHA", justify="right")
+    for name, model in models.items():
+        cells = [name, f"{model.cache_bytes_per_token():,}"]
+        for context in contexts:
+            rate = statistics.median(rates[name, context])
+            cells += [f"{rate * args.batch:,.0f}", f"{rate / statistics.median(rates['MHA', context]):.2f}"]
+        table.add_row(*cells)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
