@@ -51,16 +51,33 @@ def decode_rate(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> fl
     return (new_tokens - 1) / max(seconds(model, prompt, new_tokens) - seconds(model, prompt, 1), 1e-9)
 
 
+def at_least(low: int):
+    """An argparse type: an int >= low, else a one-line usage error (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
+
+
+def contexts_list(text: str) -> list[int]:
+    return [at_least(1)(part) for part in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", default="1024,4096", help="prompt lengths, comma-separated")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--contexts", type=contexts_list, default=[1024, 4096], help="prompt lengths, comma-separated")
+    parser.add_argument("--new-tokens", type=at_least(2), default=32, help="decoded tokens (>= 2: the first is the prefill's)")
+    parser.add_argument("--batch", type=at_least(1), default=4)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = args.contexts
     models = {name: build(arch, overrides, max(contexts) + args.new_tokens) for name, (arch, overrides) in ARCHS.items()}
     rates: dict[tuple[str, int], list[float]] = {}
     for context in contexts:
