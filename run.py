@@ -61,7 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="override one config field (repeatable); see --module NAME --help")
     p.add_argument("--seed", default=None, help="random seed in [0, 2^32-1] (overrides the preset's)")
     p.add_argument("--threads", type=thread_count, default=None,
-                   help="torch CPU threads (default: the module's choice, else torch's)")
+                   help="torch CPU threads (default: the module's choice, else 1 for --toy and the idle cores "
+                        "for other presets)")
     args = p.parse_args(argv)
     args.parser = p
     return args

@@ -42,8 +42,9 @@ class Module:
     checks: list[Check]
     depends: tuple[str, ...] = ()
     threads: int | None = None
-    """torch CPU threads the module runs with unless --threads says otherwise (None: torch's
-    default). Tiny networks run faster on one thread, and then results do not depend on the core count."""
+    """torch CPU threads the module runs with unless --threads says otherwise (None: one for a toy run,
+    the idle cores otherwise: core/run_context.default_threads). Tiny networks run faster on one
+    thread, and then results do not depend on the core count."""
     produces_lm: bool = False
     """the run leaves a causal LM in models/<preset>/ (core/nn/model.save_model + its tokenizer): the
     eval module puts every such model on its leaderboard, so a new stage adds a row by saying so here"""

@@ -346,11 +346,25 @@ def _set_aside(staged: Path, crashed: Path, keep: bool) -> None:
             shutil.rmtree(staged)
 
 
+def default_threads(preset: str) -> int:
+    """Torch threads for a module that declares none, when --threads is not given. A toy run gets one:
+    its matmuls are too small to split well, and a second thread that has to wait for a core another
+    job holds stalls every step (nanogpt's toy: 320 s on torch's default threads beside another job,
+    25 s on one). A larger preset gets the cores nobody else is using: os.cpu_count() minus the
+    one-minute load average, rounded, at least 1 (torch's own default, every core, assumes an idle
+    machine). The run records the count it used (run.json "threads")."""
+    if preset == "toy":
+        return 1
+    cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
 def _run_and_record(module: Module, preset: str, config: Any, ctx: RunContext, overrides: list[str],
                     started: datetime, run_id: str, threads: int | None) -> RunResult:
     seed_everything(config.seed)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or module.threads or previous_threads)
+    torch.set_num_threads(threads or module.threads or default_threads(preset))
     t0 = time.perf_counter()
     try:
         metrics = module.run(config, ctx)

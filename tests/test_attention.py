@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from core.nn.attention import (GroupedQueryAttention, MoBA, MultiHeadLatentAttention, NativeSparseAttention, apply_rope,
                                rope_cos_sin, tensor_bytes)
+from core.nn.fused import fused_linear
+from core.nn.lora import LoRALinear
 from core.nn.model import NAMED_CONFIGS, Transformer, named_config
 
 # tiny sizes shared by the model tests: 2 layers, width 32, 4 heads of 8, blocks of 4 tokens
@@ -82,6 +84,40 @@ def test_rope_score_depends_only_on_position_difference():
     torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(L))  # a rotation keeps the norm
 
 
+
+def test_rope_backward_is_the_inverse_rotation():
+    """The hand-written backward against autograd's numerical Jacobian (float64)."""
+    cos, sin = rope_cos_sin(8, 6, 10000.0)
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos, sin), (x,))
+
+
+# ------------------------------------------------------------------------------- fused projections
+
+def test_fused_linear_equals_the_separate_projections_and_their_gradients():
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, n, bias=False).double() for n in (16, 8, 8)]
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    fused = fused_linear(x, *layers)
+    separate = torch.cat([layer(x) for layer in layers], dim=-1)
+    torch.testing.assert_close(fused, separate, rtol=0, atol=1e-12)
+    g = torch.randn_like(fused)
+    grads_fused = torch.autograd.grad(fused, [x, *(l.weight for l in layers)], g)
+    grads_separate = torch.autograd.grad(separate, [x, *(l.weight for l in layers)], g)
+    for a, b in zip(grads_fused, grads_separate):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_fused_linear_runs_wrapped_layers_through_their_own_forward():
+    """A LoRA-wrapped projection is not an nn.Linear: its adapter must still be applied."""
+    torch.manual_seed(0)
+    q, k = torch.nn.Linear(8, 8, bias=False).double(), torch.nn.Linear(8, 4, bias=False).double()
+    wrapped = LoRALinear(k, r=2, alpha=4).double()
+    torch.nn.init.normal_(wrapped.lora_B, std=1.0)  # a non-zero update
+    x = torch.randn(2, 8, dtype=torch.float64)
+    torch.testing.assert_close(fused_linear(x, q, wrapped), torch.cat([q(x), wrapped(x)], -1), rtol=0, atol=0)
+    assert not torch.allclose(wrapped(x), k(x))
+
 # ------------------------------------------------------------------------------ MHA / GQA
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
@@ -104,13 +140,21 @@ def test_mla_absorbed_path_equals_naive_path(q_lora_rank):
     cfg = tiny("mla", q_lora_rank=q_lora_rank)
     mla = attention_module(MultiHeadLatentAttention, cfg)
     x = random_x(12)
-    naive = mla(x, None, 0)
-    mla.absorb = True
-    torch.testing.assert_close(mla(x, None, 0), naive, rtol=0, atol=1e-10)
-    # and with a cache, decoding the last 4 tokens after a prefill of 8
+    naive = mla(x, None, 0)  # no cache: the naive path
+    # decoding the last 4 tokens after a prefill of 8 takes the absorbed path
+    calls = []
+    mla._absorbed = lambda *args, fn=mla._absorbed: calls.append(1) or fn(*args)
+    cache = mla.init_cache(2, 12)
+    mla(x[:, :8], cache, 0)
+    assert not calls, "the prefill (nothing cached yet) expands its latents once: naive"
+    decoded = torch.cat([mla(x[:, t:t + 1], cache, t) for t in range(8, 12)], dim=1)
+    assert len(calls) == 4, "each decode step attends to the cached latents directly"
+    torch.testing.assert_close(decoded, naive[:, 8:], rtol=0, atol=1e-10)
+    mla.absorb = False  # the reference: re-expand the cache at every step
     cache = mla.init_cache(2, 12)
     mla(x[:, :8], cache, 0)
     torch.testing.assert_close(mla(x[:, 8:], cache, 8), naive[:, 8:], rtol=0, atol=1e-10)
+    assert len(calls) == 4
 
 
 def test_mla_cache_is_latent_plus_rope_key_only():

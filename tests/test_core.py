@@ -273,3 +273,16 @@ def test_run_writes_artifacts_and_indexes_the_latest_run_per_preset(run_module, 
     assert latest_run("mdp", "toy")["run_id"] == record["run_id"]
     assert latest_run("mdp", "default") is None
     assert math.isfinite(json.loads((second.out_dir / "metrics.json").read_text())["v_start"])
+
+
+def test_default_threads_one_for_toys_idle_cores_otherwise(monkeypatch):
+    from core import run_context
+
+    monkeypatch.setattr(run_context.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(run_context.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert run_context.default_threads("toy") == 1
+    assert run_context.default_threads("default") == 5  # 8 cores, 2.6 busy: 5 idle
+    monkeypatch.setattr(run_context.os, "getloadavg", lambda: (11.0, 0.0, 0.0))
+    assert run_context.default_threads("default") == 1  # an overloaded machine still gets one
+    monkeypatch.setattr(run_context.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert run_context.default_threads("default") == 8

@@ -26,13 +26,15 @@ def test_unigram_entropy_of_hand_made_tokens():
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    assert cosine_lr(0, 1.0, 4, 20) == pytest.approx(0.25)
-    assert cosine_lr(3, 1.0, 4, 20) == pytest.approx(1.0)
-    assert cosine_lr(4, 1.0, 4, 20) == pytest.approx(1.0)
-    assert cosine_lr(12, 1.0, 4, 20) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi/2) = 0
-    assert cosine_lr(20, 1.0, 4, 20) == pytest.approx(0.1)
+    lrs = [cosine_lr(s, 1.0, 4, 20) for s in range(20)]  # the 20 steps of a 20-step run
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # the peak at the last warmup step
+    assert lrs.count(max(lrs)) == 1, "the peak is used by one step, not held for two"
+    assert lrs[11] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway from step 3 to step 19: cos(pi/2) = 0
+    assert lrs[19] == pytest.approx(0.1, abs=1e-12), "the last step uses the floor"
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
     assert cosine_lr(25, 1.0, 4, 20, min_ratio=0.0) == pytest.approx(0.0)  # stays at the floor
-    assert all(cosine_lr(s, 1.0, 4, 20) >= cosine_lr(s + 1, 1.0, 4, 20) for s in range(4, 20))
+    no_warmup = [cosine_lr(s, 1.0, 0, 10) for s in range(10)]
+    assert no_warmup[0] == 1.0 and no_warmup[9] == pytest.approx(0.1, abs=1e-12)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -50,6 +52,16 @@ def test_adamw_groups_decay_matrices_only(tied):
     assert ("lm_head.weight" in decayed) is (not tied)  # untied: the head is an ordinary matrix
     assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == model.num_params()
 
+
+
+def test_adamw_groups_do_not_decay_position_tables():
+    """NSA's intra-block position table is 2-D but a learned embedding, not a linear layer's weight."""
+    model = Transformer(scaled_config("nsa", **SMALL))
+    decay, no_decay = adamw_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert any(names[id(p)].endswith("block_pos") for p in no_decay["params"])
+    assert not any(names[id(p)].endswith("block_pos") for p in decay["params"])
+    assert all(names[id(p)].endswith(".weight") for p in decay["params"])
 
 def test_flops_per_token_is_6n_plus_attention_by_hand():
     cfg = scaled_config("llama", **SMALL)

@@ -26,30 +26,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.nn.fused import fused_linear
 from core.nn.norm import RMSNorm
 
 # ----------------------------------------------------------------------------------------- RoPE
 
 def rope_cos_sin(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles, shape (max_len, head_dim), float64 (cast on use)."""
+    """cos and signed sin of the rotation angles, shape (max_len, head_dim), float64 (cast on use).
+    The sign of the rotation is folded into the sin table, (-sin, sin) over the two halves, so that
+    applying RoPE needs no negation: see apply_rope."""
     # RoFormer (Su et al. 2021), Eq. 15: theta_i = base^(-2i/d), i = 0 .. d/2 - 1
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # m * theta_i
-    angles = torch.cat([angles, angles], dim=-1)  # the same angle rotates x_i and x_{i+d/2}
-    return angles.cos(), angles.sin()
+    # the same angle rotates x_i and x_{i+d/2}
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+def swap_halves(x: Tensor) -> Tensor:
+    """(x_1, x_2) -> (x_2, x_1) over the last dimension: the pair partner of every element."""
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., half:], x[..., :half]], dim=-1)
+
+
+class _Rotate(torch.autograd.Function):
+    """y = R x = x * cos + swap(x) * sin_signed, and its backward, the inverse rotation
+    R^T g = g * cos + swap(g * sin_signed) = g * cos - swap(g) * sin_signed (swap(sin_signed) =
+    -sin_signed). Written out because autograd through the forward would take twice the passes over
+    q and k (zero-filled slice gradients, then their sum): RoPE was the largest element-wise cost of
+    a training step."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return torch.addcmul(x * cos, swap_halves(x), sin)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return torch.addcmul(grad * cos, swap_halves(grad), sin, value=-1), None, None
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each pair (x_i, x_{i+d/2}) of x (..., T, d) by the angle m * theta_i of its position.
+    """Rotate each pair (x_i, x_{i+d/2}) of x (..., T, d) by the angle m * theta_i of its position;
+    cos and sin (T, d) from rope_cos_sin (sin signed).
 
-    RoFormer Eq. 34: R x = x * cos(m theta) + rotate_half(x) * sin(m theta), so that
-    <R_m q, R_n k> depends on m - n only."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    RoFormer Eq. 34: R x = x * cos(m theta) + (-x_2, x_1) * sin(m theta), so that <R_m q, R_n k>
+    depends on m - n only; here (-x_2, x_1) * sin = swap(x) * (-sin, sin)."""
+    return _Rotate.apply(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 class Rotary(nn.Module):
@@ -173,10 +196,10 @@ class GroupedQueryAttention(_CachedAttention):
         (`scaled_dot_product_attention(..., enable_gqa=True)` groups the query heads instead), so
         GQA and MQA read a smaller cache at every decode step rather than a copy as large as MHA's."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = self.rope(q, pos), self.rope(k, pos)
+        H, H_kv = self.n_head, self.n_kv_head
+        qkv = fused_linear(x, self.wq, self.wk, self.wv).view(B, T, H + 2 * H_kv, self.head_dim).transpose(1, 2)
+        qk, v = qkv.split([H + H_kv, H_kv], dim=1)
+        q, k = self.rope(qk, pos).split([H, H_kv], dim=1)  # one rotation for the query and key heads
         if cache is not None:
             k, v = write_cache(cache, pos, k=k, v=v).values()
         return q, k, v
@@ -214,9 +237,13 @@ class MultiHeadLatentAttention(_CachedAttention):
     separate small RoPE key, shared by all heads, carries the position (RoPE cannot pass through
     the absorbed up-projection). Cache per token and layer: kv_lora_rank + qk_rope_head_dim.
 
-    Two equivalent paths: naive (materialise per-head k and v, used for training) and absorbed
-    (W_UK folded into the query, W_UV applied after attention over the latents: attention runs
-    directly on the cache, used for decoding)."""
+    Two equivalent paths: naive (materialise per-head k and v from the latents) and absorbed (W_UK
+    folded into the query, W_UV applied after attention over the latents: attention runs directly on
+    the cache). A call that attends to earlier cached tokens (decoding, pos > 0) takes the absorbed
+    path unless `mla_absorb` is off: the naive path would re-expand every cached latent into per-head
+    keys and values at every step. Training and the first chunk of a prompt (nothing cached yet) take
+    the naive path: there each latent is expanded once and serves T queries, and the per-head scores
+    are over d_h + d_h^R numbers instead of d_c + d_h^R."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -263,8 +290,8 @@ class MultiHeadLatentAttention(_CachedAttention):
             c_kv, k_rope = write_cache(cache, pos, c_kv=c_kv, k_rope=k_rope).values()
         mask = causal_mask(T, pos, x.device) if key_mask is None else padded_causal_mask(key_mask, T, pos)
         k_rope = k_rope.unsqueeze(1)  # one RoPE key shared by every head (Eq. 17)
-        if self.absorb:
-            y = self._absorbed(q_nope, q_rope, c_kv.unsqueeze(1), k_rope, mask)
+        if self.absorb and pos > 0:
+            y = self._absorbed(q_nope, q_rope, c_kv, k_rope.squeeze(1), mask)
         else:
             y = self._naive(q_nope, q_rope, c_kv, k_rope, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
@@ -279,15 +306,22 @@ class MultiHeadLatentAttention(_CachedAttention):
         return masked_attention(q, k, v, mask, self.scale)  # Eq. 18
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """q_nope (B, H, T, d_h), q_rope (B, H, T, d_R), c_kv (B, S, r), k_rope (B, S, d_R), mask
+        broadcastable to (B, H, T, S) -> (B, H, T, d_v)."""
+        B, H, T, _ = q_nope.shape
         # q^C . (W_UK c) = (W_UK^T q^C) . c : fold W_UK into the query, score against the latent
-        w_uk = self.wk_up.weight.view(self.n_head, self.nope_dim, self.kv_rank)
+        w_uk = self.wk_up.weight.view(H, self.nope_dim, self.kv_rank)
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
-        # a multi-query attention over [c_kv; k_rope] with value c_kv: no per-head K/V materialised
-        q = torch.cat([q_latent, q_rope], dim=-1)
+        # every head attends to the same keys [c_kv; k_rope] with the same value c_kv: a multi-query
+        # attention, so the heads fold into the query rows, (B, H T, r + d_R) x (B, r + d_R, S): one
+        # matmul over the cache as stored, no per-head K/V and no per-head copy of the latents
+        q = torch.cat([q_latent, q_rope], dim=-1).reshape(B, H * T, -1)
         k = torch.cat([c_kv, k_rope], dim=-1)
-        o_latent = masked_attention(q, k, c_kv, mask, self.scale)  # (B, H, T, r)
+        scores = (q @ k.transpose(-2, -1)).view(B, H, T, -1) * self.scale
+        probs = masked_softmax(scores, mask).view(B, H * T, -1)
+        o_latent = (probs @ c_kv).view(B, H, T, self.kv_rank)  # (B, H, T, r)
         # sum_j p_j W_UV c_j = W_UV (sum_j p_j c_j): W_UV applied once per query, after attention
-        w_uv = self.wv_up.weight.view(self.n_head, self.v_dim, self.kv_rank)
+        w_uv = self.wv_up.weight.view(H, self.v_dim, self.kv_rank)
         return torch.einsum("bhtr,hvr->bhtv", o_latent, w_uv)
 
 

@@ -74,8 +74,9 @@ class ModelConfig:
     """dimension of the decoupled RoPE query per head and of the RoPE key shared by all heads"""
     v_head_dim: int = 32
     """per-head value dimension"""
-    mla_absorb: bool = False
-    """compute MLA with W_UK folded into the query and W_UV applied after attention (inference path)"""
+    mla_absorb: bool = True
+    """decode MLA with W_UK folded into the query and W_UV applied after attention, straight on the
+    cached latents (calls with earlier cached tokens only; False re-expands the cache every step)"""
     # --- MoBA (attention = moba)
     moba_block_size: int = 32
     """keys per MoBA block"""

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.nn.fused import fused_linear
+
 
 class SwiGLU(nn.Module):
     """The dense Llama FFN (Shazeer 2020): y = w2( silu(w1 x) * w3 x ); w1 gate, w3 up, w2 down."""
@@ -51,7 +53,8 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = fused_linear(x, self.w1, self.w3).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 def load_balancing_loss(router_probs: Tensor, expert_index: Tensor, n_experts: int) -> Tensor:
