@@ -42,18 +42,19 @@ def variants(module: Module, seeds: list[int], missing: bool = False) -> list[st
     return list(dict.fromkeys([*keys, *old["runs"]]))
 
 
-def run_variant(module: Module, key: str) -> int:
+def run_variant(module: Module, key: str, threads: int | None) -> int:
     preset, _, seed = key.partition("@seed")
-    cmd = [sys.executable, "run.py", "--module", module.name, "--preset", preset, *(["--seed", seed] if seed else [])]
+    cmd = [sys.executable, "run.py", "--module", module.name, "--preset", preset, *(["--seed", seed] if seed else []),
+           *(["--threads", str(threads)] if threads else [])]
     print("$ " + " ".join(cmd[1:]), flush=True)
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
-def record(module: Module, keys: list[str], run: bool) -> int:
+def record(module: Module, keys: list[str], run: bool, threads: int | None = None) -> int:
     old = load_record(module.name) or {"runs": {}}
     runs, status = dict(old["runs"]), 0
     for key in keys:
-        if run and run_variant(module, key) not in (0, 1):
+        if run and run_variant(module, key, threads) not in (0, 1):
             print(f"{module.name} {key}: the run did not finish; its record is left as it was", file=sys.stderr)
             status = 2
             continue
@@ -119,12 +120,16 @@ def record_all(argv: list[str] | None) -> int:
     parser.add_argument("--seeds", type=seed_list, default=[], help="extra default-preset seeds to record, e.g. 0,1,2")
     parser.add_argument("--missing", action="store_true", help="only the runs the record lacks (with --run: "
                                                                "run just those, keep the rest as recorded)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="with --run: torch threads for every run (default: each module's choice)")
     args = parser.parse_args(argv)
     registry = discover()
     modules = list(registry.modules.values()) if args.all else [registry.get(n) for n in args.module]
     if not modules:
         parser.error("name a --module or pass --all")
-    return max(record(m, variants(m, args.seeds, args.missing), args.run) for m in chain_order(modules))
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    return max(record(m, variants(m, args.seeds, args.missing), args.run, args.threads) for m in chain_order(modules))
 
 
 if __name__ == "__main__":
