@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.nn import attention
 from core.nn.attention import (GroupedQueryAttention, MoBA, MultiHeadLatentAttention, NativeSparseAttention, apply_rope,
-                               rope_cos_sin, tensor_bytes)
+                               block_sparse_attention, masked_attention, rope_cos_sin, sliding_window_attention,
+                               tensor_bytes)
 from core.nn.fused import fused_linear
 from core.nn.lora import LoRALinear
 from core.nn.model import NAMED_CONFIGS, Transformer, named_config
@@ -193,6 +195,76 @@ def test_moba_with_top_k_covering_all_blocks_is_full_causal_attention(n_kv_head)
     assert not torch.allclose(sparse[:, 8:], dense(x, None, 0)[:, 8:])
 
 
+
+def reference_moba(q, k, v, block, top_k):
+    """MoBA written query by query and head by head from the paper: query head h reads kv head
+    h // (H / H_kv); its gate scores every earlier block by q . mean(keys of the block), takes the
+    top_k - 1 of them, and attends to those blocks and causally to its own."""
+    B, H, T, d = q.shape
+    group = H // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            keys, values = k[b, h // group], v[b, h // group]
+            for t in range(T):
+                own = t // block
+                earlier = list(range(own))
+                gates = torch.stack([q[b, h, t] @ keys[j * block:(j + 1) * block].mean(0) for j in earlier]) if earlier else None
+                picked = sorted(gates.topk(min(top_k - 1, len(earlier))).indices.tolist()) if earlier else []
+                seen = [i for j in picked for i in range(j * block, (j + 1) * block)] + list(range(own * block, t + 1))
+                probs = torch.softmax(keys[seen] @ q[b, h, t] / math.sqrt(d), 0)
+                out[b, h, t] = probs @ values[seen]
+    return out
+
+
+@pytest.mark.parametrize("gather_max", [0, 1 << 30], ids=["grouped-by-block", "gathered-per-query"])
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_moba_matches_a_query_by_query_reference(n_kv_head, gather_max, monkeypatch):
+    """Sparse (gathered blocks) and dense-mask MoBA against the loop above, with real sparsity: 5
+    blocks of 4, each query keeps 1 earlier block."""
+    cfg = tiny("moba", moba_top_k=2, n_kv_head=n_kv_head)
+    moba = attention_module(MoBA, cfg)
+    x = random_x(19)
+    q, k, v = moba.project_qkv(x, None, 0)
+    expected = moba.merge_heads(reference_moba(q, k, v, cfg.moba_block_size, cfg.moba_top_k))
+    monkeypatch.setattr(attention, "GATHER_MAX_NUMBERS", gather_max)
+    torch.testing.assert_close(moba(x, None, 0), expected, rtol=0, atol=1e-10)
+    moba.sparse = False
+    torch.testing.assert_close(moba(x, None, 0), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("gather_max", [0, 1 << 30], ids=["grouped-by-block", "gathered-per-query"])
+def test_block_sparse_and_window_attention_equal_their_masks(gather_max, monkeypatch):
+    """The gathered computations against masked_attention over all keys, queries starting mid-sequence
+    (pos > 0, as in decoding), kv heads shared by 2 query heads, an incomplete last block."""
+    B, H, H_kv, T, pos, d, block, window = 2, 4, 2, 7, 6, 8, 3, 4
+    S = pos + T
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, T, d, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(B, H_kv, S, d, dtype=torch.float64, generator=g) for _ in range(2))
+    q_pos, k_pos = torch.arange(pos, S), torch.arange(S)
+    causal = k_pos[None, :] <= q_pos[:, None]
+    expand = lambda t: t.repeat_interleave(H // H_kv, dim=1)  # noqa: E731
+    scale = 0.3
+    in_window = causal & (k_pos[None, :] > q_pos[:, None] - window)
+    torch.testing.assert_close(sliding_window_attention(q, k, v, window, pos, scale),
+                               masked_attention(q, expand(k), expand(v), in_window, scale), rtol=0, atol=1e-12)
+    # each query picks 2 different earlier blocks at random, the second slot empty where only one exists
+    own = q_pos // block
+    picks = []
+    for o in own.tolist():
+        first = torch.randint(0, max(o, 1), (B, H), generator=g)
+        second = (first + 1 + torch.randint(0, max(o - 1, 1), (B, H), generator=g)) % max(o, 1)
+        picks.append(torch.stack([first, second], dim=-1))
+    picked = torch.stack(picks, dim=2)  # (B, H, T, 2)
+    picked_ok = (own[None, None, :, None] > 0).expand(B, H, T, 2).clone()
+    picked_ok[..., 1] &= own > 1
+    chosen = torch.zeros(B, H, T, -(-S // block), dtype=torch.bool).scatter_(-1, picked, picked_ok)
+    mask = chosen.gather(-1, (k_pos // block).expand(B, H, T, S)) | ((k_pos // block)[None, :] == own[:, None]) & causal
+    monkeypatch.setattr(attention, "GATHER_MAX_NUMBERS", gather_max)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, picked, picked_ok, block, pos, scale),
+                               masked_attention(q, expand(k), expand(v), mask, scale), rtol=0, atol=1e-12)
+
 def test_moba_gate_picks_the_block_with_the_largest_mean_key():
     """One head, keys constant per block: the query must attend its own block + the best block."""
     cfg = tiny("moba", n_head=1, n_kv_head=1, n_embd=8, moba_top_k=2, moba_block_size=2)
@@ -214,6 +286,23 @@ def test_moba_gate_picks_the_block_with_the_largest_mean_key():
 
 
 # ----------------------------------------------------------------------------------- NSA
+
+@pytest.mark.parametrize("gather_max", [0, 1 << 30], ids=["grouped-by-block", "gathered-per-query"])
+def test_nsa_sparse_branches_equal_their_dense_masks(gather_max, monkeypatch):
+    """Selection (1 of up to 4 earlier blocks + its own) and a window of 6 over 19 tokens, 2 kv heads,
+    computed on their keys alone, against the same branches as masks over all keys; also decoding."""
+    cfg = tiny("nsa", n_kv_head=2)
+    nsa = attention_module(NativeSparseAttention, cfg)
+    x = random_x(19)
+    nsa.sparse = False
+    dense = nsa(x, None, 0)
+    nsa.sparse = True
+    monkeypatch.setattr(attention, "GATHER_MAX_NUMBERS", gather_max)
+    torch.testing.assert_close(nsa(x, None, 0), dense, rtol=0, atol=1e-10)
+    cache = nsa.init_cache(2, 19)
+    nsa(x[:, :11], cache, 0)
+    torch.testing.assert_close(nsa(x[:, 11:], cache, 11), dense[:, 11:], rtol=0, atol=1e-10)
+
 
 def test_nsa_reduces_to_full_attention_when_selection_covers_all_and_only_it_is_gated():
     cfg = tiny("nsa", nsa_top_k=8, n_kv_head=2)

@@ -331,11 +331,134 @@ def block_index(positions: Tensor, block: int) -> Tensor:
     return torch.div(positions, block, rounding_mode="floor")
 
 
+def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T scale) v over one set of keys, and the log-sum-exp of its scores, so that results
+    over disjoint key sets merge exactly (merge_partial_attention). Every row must see a key."""
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse[..., None]) @ v, lse
+
+
+def merge_partial_attention(outputs: Tensor, lse: Tensor) -> Tensor:
+    """outputs (..., n, d_v) of attention over n disjoint key sets, lse (..., n) their log-sum-exps
+    (-inf for an empty set) -> attention over the union: sum_i o_i exp(lse_i - logsumexp(lse)), the
+    combination FlashAttention uses across key tiles."""
+    return (torch.softmax(lse, dim=-1)[..., None] * outputs).sum(-2)
+
+
+GATHER_MAX_NUMBERS = 1 << 18
+"""block_sparse_attention gathers the chosen keys per query up to this many numbers (1 MB in fp32)"""
+
+
+def _gathered_block_attention(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, picked_ok: Tensor, block: int,
+                              pos: int, scale: float) -> Tensor:
+    """block_sparse_attention for few queries: each gathers the keys of its n + 1 blocks (own last)
+    straight from k and v (no padded copy of the cache)."""
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    batch_index = torch.arange(B, device=q.device)[:, None, None, None, None]
+    kv_head = (torch.arange(H, device=q.device) // (H // k.shape[1]))[None, :, None, None, None]
+    q_pos = torch.arange(pos, pos + T, device=q.device)
+    own = block_index(q_pos, block).expand(B, H, T)[..., None]
+    blocks = torch.cat([picked, own], dim=-1)  # (B, H, T, n + 1)
+    ok = torch.cat([picked_ok, torch.ones_like(own, dtype=torch.bool)], dim=-1)
+    key_pos = blocks[..., None] * block + torch.arange(block, device=q.device)  # (B, H, T, n + 1, block)
+    # an earlier block lies wholly before the query: "not after it" only cuts into the own block
+    mask = (ok[..., None] & (key_pos <= q_pos[:, None, None])).flatten(3, 4)
+    index = (batch_index, kv_head, key_pos.clamp(max=S - 1))  # positions past the end are masked
+    keys, values = k[index].flatten(3, 4), v[index].flatten(3, 4)  # (B, H, T, (n + 1) block, d)
+    scores = (q[..., None, :] @ keys.transpose(-2, -1)).squeeze(-2) * scale
+    return (masked_softmax(scores, mask)[..., None, :] @ values).squeeze(-2)
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, picked_ok: Tensor, block: int,
+                           pos: int, scale: float) -> Tensor:
+    """Attention of each query to the keys of the earlier blocks it picked and, causally, to its own
+    block, computed on those keys alone: T (n + 1) block scores instead of T S. Equal to
+    masked_attention with the mask "key in a picked block, or in the query's own block and not after
+    it" (the dense reference the tests compare with).
+
+    q (B, H, T, d) at positions pos .. pos + T - 1; k, v (B, H_kv, S, d / d_v), query head h reading kv
+    head h // (H / H_kv); picked (B, H, T, n) indices of earlier blocks, picked_ok (B, H, T, n) False
+    for a slot that picked nothing (fewer earlier blocks than slots). -> (B, H, T, d_v).
+
+    Few queries (decoding) gather their blocks' keys and attend in one product. Many queries (a
+    prompt, training) would gather far more than the keys hold; there, as in MoBA's own kernel, the
+    work is grouped by key block so that it runs as matrix products: the own blocks as one batched
+    (block x block) causal product, then for each earlier block the queries that picked it against
+    its keys; the partial results merge by their log-sum-exps."""
+    B, H, T, d = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    group = H // H_kv
+    n = picked.shape[-1]
+    if B * H * T * (n + 1) * block * max(d, v.shape[-1]) <= GATHER_MAX_NUMBERS:
+        return _gathered_block_attention(q, k, v, picked, picked_ok, block, pos, scale)
+    n_blocks = -(-S // block)
+    pad = (0, 0, 0, n_blocks * block - S)
+    k_blocks = F.pad(k, pad).view(B, H_kv, n_blocks, block, d)
+    v_blocks = F.pad(v, pad).view(B, H_kv, n_blocks, block, -1)
+    outputs = q.new_zeros(B, H, T, n + 1, v.shape[-1])
+    lse = q.new_full((B, H, T, n + 1), float("-inf"))
+
+    # own blocks: align the queries to block boundaries (dummy queries before pos and after the end,
+    # dropped afterwards), then one batched product of each query block with its key block
+    lead = pos % block
+    first = pos // block
+    n_q_blocks = -(-(lead + T) // block)
+    q_aligned = F.pad(q, (0, 0, lead, n_q_blocks * block - lead - T)).view(B, H, n_q_blocks, block, d)
+    own_keys = k_blocks[:, :, first:first + n_q_blocks].repeat_interleave(group, dim=1)
+    own_values = v_blocks[:, :, first:first + n_q_blocks].repeat_interleave(group, dim=1)
+    within = torch.arange(block, device=q.device)
+    causal = within[None, :] <= within[:, None]  # a dummy query before pos still sees its own slot
+    o_own, lse_own = attend_with_lse(q_aligned, own_keys, own_values, causal, scale)
+    outputs[..., n, :] = o_own.flatten(2, 3)[:, :, lead:lead + T]
+    lse[..., n] = lse_own.flatten(2, 3)[:, :, lead:lead + T]
+
+    # earlier blocks: for each (batch, head, block), the queries that picked it
+    for b in range(B):
+        for h in range(H):
+            query, slot = picked_ok[b, h].nonzero(as_tuple=True)
+            chosen = picked[b, h, query, slot]
+            order = chosen.argsort()
+            query, slot, chosen = query[order], slot[order], chosen[order]
+            blocks, counts = torch.unique_consecutive(chosen, return_counts=True)
+            queries = q[b, h, query].split(counts.tolist())
+            parts = [attend_with_lse(qs, k_blocks[b, h // group, j], v_blocks[b, h // group, j], None, scale)
+                     for qs, j in zip(queries, blocks.tolist())]
+            if parts:
+                outputs[b, h, query, slot] = torch.cat([o for o, _ in parts])
+                lse[b, h, query, slot] = torch.cat([l for _, l in parts])
+    return merge_partial_attention(outputs, lse)
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, pos: int, scale: float) -> Tensor:
+    """Each query at position p attends to the keys in (p - window, p], computed per chunk of `window`
+    queries on the 2 window - 1 keys that chunk can see, not on all S: T (2 window) work instead of
+    T S. Shapes as block_sparse_attention (k, v may have fewer heads)."""
+    B, H, T, _ = q.shape
+    group = H // k.shape[1]
+    out = []
+    for t0 in range(0, T, window):
+        first, end = pos + t0, pos + min(T, t0 + window)  # the chunk's query positions [first, end)
+        lo = max(0, first - window + 1)
+        q_pos = torch.arange(first, end, device=q.device)[:, None]
+        k_pos = torch.arange(lo, end, device=q.device)[None, :]
+        keys, values = (x[:, :, lo:end].repeat_interleave(group, dim=1) for x in (k, v))
+        out.append(masked_attention(q[:, :, t0:t0 + window], keys, values,
+                                    (k_pos <= q_pos) & (k_pos > q_pos - window), scale))
+    return torch.cat(out, dim=2)
+
+
 class MoBA(GroupedQueryAttention):
     """Mixture of Block Attention (Lu et al. 2025): the keys are cut into blocks of `moba_block_size`;
     each query head scores every earlier block by q . mean(K_block) and attends to the top-k blocks
     only, where its own (current) block is always one of the k, causal inside it. Same projections
-    and cache as GQA; only the mask differs."""
+    and cache as GQA. The attention is computed on the chosen blocks alone (block_sparse_attention);
+    `sparse = False` computes it as a mask over all keys instead, the reference the tests compare with."""
+
+    sparse = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -344,28 +467,31 @@ class MoBA(GroupedQueryAttention):
     def forward(self, x: Tensor, cache: dict | None = None, pos: int = 0, key_mask: Tensor | None = None) -> Tensor:
         no_padding(key_mask, "MoBA")
         q, k, v = self.project_qkv(x, cache, pos)
-        k, v = self.expand_kv(k), self.expand_kv(v)
         B, H, T, _ = q.shape
         S = k.shape[2]
         q_block = block_index(torch.arange(pos, pos + T, device=x.device), self.block)  # (T,)
         k_block = block_index(torch.arange(S, device=x.device), self.block)  # (S,)
         n_blocks = int(k_block[-1]) + 1
         # gate: s_i = <q, mean-pooled keys of block i> (MoBA Eq. 5), only for blocks before the query's
-        block_sum = torch.zeros(B, H, n_blocks, k.shape[-1], dtype=k.dtype, device=k.device)
-        block_sum.index_add_(2, k_block, k)
+        complete = S // self.block
+        block_sum = k[:, :, :complete * self.block].unflatten(2, (complete, self.block)).sum(3)
+        if complete < n_blocks:  # the last block is still filling
+            block_sum = torch.cat([block_sum, k[:, :, complete * self.block:].sum(2, keepdim=True)], dim=2)
         block_keys = block_sum / torch.bincount(k_block, minlength=n_blocks).to(k.dtype)[:, None]
-        gate = q @ block_keys.transpose(-2, -1)  # (B, H, T, n_blocks)
+        gate = q @ self.expand_kv(block_keys).transpose(-2, -1)  # (B, H, T, n_blocks)
         past = torch.arange(n_blocks, device=x.device)[None, :] < q_block[:, None]  # (T, n_blocks)
         gate = gate.masked_fill(~past, float("-inf"))
         n_past = min(self.top_k - 1, n_blocks)  # the current block takes one of the k slots
-        chosen = torch.zeros_like(gate, dtype=torch.bool)
-        if n_past > 0:
-            chosen.scatter_(-1, gate.topk(n_past, dim=-1).indices, True)
-        chosen &= past  # top-k may pick -inf entries when fewer past blocks exist than slots
+        picked = gate.topk(n_past, dim=-1).indices  # (B, H, T, n_past); may pick -inf entries when
+        picked_ok = past.expand(B, H, T, n_blocks).gather(-1, picked)  # fewer past blocks exist than slots
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if self.sparse:
+            return self.merge_heads(block_sparse_attention(q, k, v, picked, picked_ok, self.block, pos, scale))
+        chosen = torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, picked, picked_ok)
         # token mask: key in a chosen past block, or in the query's own block and not in its future
         key_in_chosen = chosen.gather(-1, k_block.expand(B, H, T, S))
         own_block = (k_block[None, :] == q_block[:, None]) & causal_mask(T, pos, x.device)
-        y = masked_attention(q, k, v, key_in_chosen | own_block, 1.0 / math.sqrt(q.shape[-1]))
+        y = masked_attention(q, self.expand_kv(k), self.expand_kv(v), key_in_chosen | own_block, scale)
         return self.merge_heads(y)
 
 
@@ -387,7 +513,14 @@ class NativeSparseAttention(_CachedAttention):
     - win: a sliding window over the last `nsa_window` tokens.
 
     Cache per token: raw K and V of the three branches; the compressed tokens are recomputed from
-    the cached raw cmp keys/values (a production kernel would cache them too: 1/l extra)."""
+    the cached raw cmp keys/values (a production kernel would cache them too: 1/l extra).
+
+    The selection and window branches are computed on their keys alone (block_sparse_attention,
+    sliding_window_attention); `sparse = False` computes them as masks over all keys instead, the
+    reference the tests compare with. The compressed branch is dense over S / l compressed tokens,
+    as in the paper."""
+
+    sparse = True
 
     def __init__(self, cfg):
         super().__init__()
@@ -449,22 +582,23 @@ class NativeSparseAttention(_CachedAttention):
         # selection branch: rank earlier blocks by p_cmp summed over each GQA group (shared choice)
         importance = p_cmp.view(B, self.n_kv_head, group, T, n_cmp).sum(2)
         importance = importance.masked_fill(~earlier, float("-inf"))
-        chosen = torch.zeros_like(importance, dtype=torch.bool)
         n_pick = min(self.top_k, n_cmp)
-        if n_pick > 0:
-            chosen.scatter_(-1, importance.topk(n_pick, dim=-1).indices, True)
-        chosen &= earlier
-        n_blocks = int(k_block[-1]) + 1  # the last block may still be incomplete (never "earlier")
-        chosen = F.pad(chosen, (0, n_blocks - n_cmp)).repeat_interleave(group, dim=1)
-        key_chosen = chosen.gather(-1, k_block.expand(B, H, T, S))
-        own_block = (k_block[None, :] == q_block[:, None]) & causal
-        o_slc = masked_attention(q, kv["k_slc"].repeat_interleave(group, dim=1),
-                                 kv["v_slc"].repeat_interleave(group, dim=1), key_chosen | own_block, scale)
-
-        # sliding-window branch: the last `window` tokens
-        in_window = causal & (k_pos[None, :] > q_pos[:, None] - self.window)
-        o_win = masked_attention(q, kv["k_win"].repeat_interleave(group, dim=1),
-                                 kv["v_win"].repeat_interleave(group, dim=1), in_window, scale)
+        picked = importance.topk(n_pick, dim=-1).indices.repeat_interleave(group, dim=1)  # (B, H, T, n_pick)
+        picked_ok = earlier.expand(B, H, T, n_cmp).gather(-1, picked)  # -inf picks: fewer earlier blocks
+        if self.sparse:
+            o_slc = block_sparse_attention(q, kv["k_slc"], kv["v_slc"], picked, picked_ok, self.block, pos, scale)
+            o_win = sliding_window_attention(q, kv["k_win"], kv["v_win"], self.window, pos, scale)
+        else:
+            n_blocks = int(k_block[-1]) + 1  # the last block may still be incomplete (never "earlier")
+            chosen = torch.zeros(B, H, T, n_blocks, dtype=torch.bool, device=x.device).scatter_(-1, picked, picked_ok)
+            key_chosen = chosen.gather(-1, k_block.expand(B, H, T, S))
+            own_block = (k_block[None, :] == q_block[:, None]) & causal
+            o_slc = masked_attention(q, kv["k_slc"].repeat_interleave(group, dim=1),
+                                     kv["v_slc"].repeat_interleave(group, dim=1), key_chosen | own_block, scale)
+            # sliding-window branch: the last `window` tokens
+            in_window = causal & (k_pos[None, :] > q_pos[:, None] - self.window)
+            o_win = masked_attention(q, kv["k_win"].repeat_interleave(group, dim=1),
+                                     kv["v_win"].repeat_interleave(group, dim=1), in_window, scale)
 
         g = torch.sigmoid(self.gate(x)).view(B, T, H, len(NSA_BRANCHES)).permute(0, 2, 1, 3)
         y = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win  # NSA Eq. 5

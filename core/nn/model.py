@@ -175,7 +175,8 @@ class Transformer(nn.Module):
         N = matmul weights one token passes through (the LM head included, the embedding lookup not;
         for an MoE only the router, the shared experts and top_k of the routed experts), and the
         second term is the attention scores QK^T and the weighted sum AV over a context of T =
-        block_size. MoBA and NSA count as one dense attention (here they run with dense masks)."""
+        block_size. MoBA and NSA count as one dense attention: an upper bound (they compute their selected
+        blocks only; how much less depends on the context, see benchmarks/sparse_attention.py)."""
         cfg = self.cfg
         active = 0
         for m in self.modules():
