@@ -43,7 +43,9 @@ HELD_OUT = (("red", "triangle"), ("green", "square"), ("blue", "circle"), ("yell
             ("purple", "square"))
 """colour-kind pairs never seen in training: one per colour, each kind kept with 3 or 4 colours"""
 
-Split = Literal["train", "heldout"]
+Split = Literal["train", "heldout", "pretrain"]
+"""train: no held-out pair; heldout: one held-out pair per scene; pretrain: any pair (the vision
+encoder's own pretraining, like a CLIP model that has seen every object, core/nn/vision.py)"""
 
 
 @dataclass(frozen=True)
@@ -129,13 +131,9 @@ def make_scenes(n: int, split: Split, seed: int) -> list[Scene]:
     scenes = []
     for _ in range(n):
         count = rng.choice((1, 2))
-        if split == "heldout":
-            first = rng.choice(HELD_OUT)
-            others = [p for p in allowed if p[1] != first[1]]
-            pairs = [first] + ([rng.choice(others)] if count == 2 else [])
-        else:
-            first = rng.choice(allowed)
-            pairs = [first] + ([rng.choice([p for p in allowed if p[1] != first[1]])] if count == 2 else [])
+        pool = [(c, k) for c in COLOURS for k in KINDS] if split == "pretrain" else allowed
+        first = rng.choice(HELD_OUT if split == "heldout" else pool)
+        pairs = [first] + ([rng.choice([p for p in pool if p[1] != first[1]])] if count == 2 else [])
         sides = rng.sample(SIDES, count)
         shapes = sorted((_random_shape(rng, kind, colour, side) for (colour, kind), side in zip(pairs, sides)),
                         key=lambda s: SIDES.index(s.side))
