@@ -262,8 +262,14 @@ def test_block_sparse_and_window_attention_equal_their_masks(gather_max, monkeyp
     chosen = torch.zeros(B, H, T, -(-S // block), dtype=torch.bool).scatter_(-1, picked, picked_ok)
     mask = chosen.gather(-1, (k_pos // block).expand(B, H, T, S)) | ((k_pos // block)[None, :] == own[:, None]) & causal
     monkeypatch.setattr(attention, "GATHER_MAX_NUMBERS", gather_max)
-    torch.testing.assert_close(block_sparse_attention(q, k, v, picked, picked_ok, block, pos, scale),
-                               masked_attention(q, expand(k), expand(v), mask, scale), rtol=0, atol=1e-12)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    sparse = block_sparse_attention(q, k, v, picked, picked_ok, block, pos, scale)
+    dense = masked_attention(q, expand(k), expand(v), mask, scale)
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-12)
+    g = torch.randn(dense.shape, dtype=torch.float64, generator=g)  # training backpropagates through it too
+    for a, b in zip(torch.autograd.grad(sparse, (q, k, v), g), torch.autograd.grad(dense, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 def test_moba_gate_picks_the_block_with_the_largest_mean_key():
     """One head, keys constant per block: the query must attend its own block + the best block."""
