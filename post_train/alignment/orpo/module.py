@@ -17,7 +17,7 @@ MODULE = Module(
     interview_outcome="Write the ORPO loss, say why it needs no reference model and why P is the per-token mean, "
                       "and show from your run what the odds-ratio term adds to SFT on the chosen replies.",
     presets={
-        "toy": Config(n_pairs=600, n_held_out_pairs=90, n_held_out=90, steps=40, batch_size=12, lr=2e-3, eval_every=20),
+        "toy": Config(n_pairs=600, n_held_out_pairs=90, n_held_out=90, steps=60, batch_size=12, lr=2e-3, eval_every=20),
         "default": Config(),
     },
     run=run,
