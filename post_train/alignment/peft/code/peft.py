@@ -293,6 +293,7 @@ def run(cfg: Config, ctx) -> dict:
         "sft_loss": held_out_loss(load_model(sft_models), probe),
         "lora_loss": lora_loss,
         "qlora_loss": qlora_scores["loss"],
+        "qlora_loss_ratio": None if qlora_scores["loss"] is None else qlora_scores["loss"] / lora_loss,
         "frozen_embedding_loss": frozen["loss"],
         "nf4_base_loss": nf4_base_loss,
         "init_max_abs_diff": init_diff,
