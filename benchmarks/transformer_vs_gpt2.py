@@ -82,10 +82,9 @@ def non_embedding_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
 
 
-def step_seconds(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> float:
+def step_seconds(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, fused_loss: bool) -> float:
     start = time.perf_counter()
-    logits = model(x)
-    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    loss = model(x, targets=y) if fused_loss else F.cross_entropy(model(x).flatten(0, 1), y.flatten())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), DEFAULT.grad_clip)
     opt.step()
@@ -93,8 +92,9 @@ def step_seconds(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Ten
     return time.perf_counter() - start
 
 
-def ratio_at(threads: int, arch: str, steps: int) -> tuple[float, float, float]:
-    """(reference median step s, ours median step s, reference / ours) at `threads` torch threads."""
+def ratio_at(threads: int, arch: str, steps: int, fused_loss: bool) -> tuple[float, float, float]:
+    """(reference median step s, ours median step s, reference / ours) at `threads` torch threads;
+    fused_loss: ours computes its loss with the LM head (model(x, targets=y)), else from the logits."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     ours = Transformer(model_config(dataclasses.replace(DEFAULT, arch=arch), DEFAULT.vocab_size))
@@ -107,7 +107,7 @@ def ratio_at(threads: int, arch: str, steps: int) -> tuple[float, float, float]:
     for i in range(steps + 2):  # the first two steps of each warm the allocator up; not timed
         x, y = torch.randint(0, DEFAULT.vocab_size, (2, DEFAULT.batch_size, DEFAULT.block_size), generator=data)
         for name, model in models.items():
-            seconds = step_seconds(model, opts[name], x, y)
+            seconds = step_seconds(model, opts[name], x, y, fused_loss and name == "ours")
             if i >= 2:
                 times[name].append(seconds)
     ref_s, ours_s = statistics.median(times["reference"]), statistics.median(times["ours"])
@@ -133,10 +133,13 @@ def main() -> int:
     print(f"L{DEFAULT.n_layer} d{DEFAULT.n_embd} H{DEFAULT.n_head} T{DEFAULT.block_size} vocab {DEFAULT.vocab_size} "
           f"batch {DEFAULT.batch_size}, fp32, {args.steps} alternating steps each; non-embedding parameters: "
           f"ours ({args.arch}) {non_embedding_params(ours):,}, GPT-2 reference {non_embedding_params(ref):,}")
-    print(f"{'threads':>7}  {'GPT-2 ms/step':>13}  {'ours ms/step':>12}  {'ours vs GPT-2 (tokens/s ratio)':>30}")
-    for threads in thread_counts:
-        ref_s, ours_s, ratio = ratio_at(threads, args.arch, args.steps)
-        print(f"{threads:>7}  {ref_s * 1e3:>13.0f}  {ours_s * 1e3:>12.0f}  {ratio:>29.2f}x")
+    print(f"{'our loss':>22}  {'threads':>7}  {'GPT-2 ms/step':>13}  {'ours ms/step':>12}  "
+          f"{'ours vs GPT-2 (tokens/s ratio)':>30}")
+    for fused_loss in (True, False):
+        for threads in thread_counts:
+            ref_s, ours_s, ratio = ratio_at(threads, args.arch, args.steps, fused_loss)
+            print(f"{'fused with the LM head' if fused_loss else 'from logits, as GPT-2':>22}  {threads:>7}  "
+                  f"{ref_s * 1e3:>13.0f}  {ours_s * 1e3:>12.0f}  {ratio:>29.2f}x")
     return 0
 
 

@@ -15,6 +15,12 @@ from core.nn.fused import fused_linear
 from core.nn.lora import LoRALinear
 from core.nn.model import NAMED_CONFIGS, Transformer, named_config
 
+
+@pytest.fixture(autouse=True)
+def sparse_paths_at_test_sizes(monkeypatch):
+    """The tests' few tokens are far below SPARSE_MIN_KEYS: take MoBA's and NSA's sparse paths anyway."""
+    monkeypatch.setattr(attention, "SPARSE_MIN_KEYS", 0)
+
 # tiny sizes shared by the model tests: 2 layers, width 32, 4 heads of 8, blocks of 4 tokens
 TINY = dict(vocab_size=37, block_size=48, n_layer=2, n_head=4, n_embd=32, ffn_hidden=24,
             kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,

@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import core.nn.loss as loss_module
+from core.nn.loss import linear_cross_entropy
 from core.nn.model import NAMED_CONFIGS, Transformer, export_hf, top_k_filter, top_p_filter
+from core.nn.moe import _GatedSiLU
 from core.nn.norm import RMSNorm
 from test_attention import reference_gqa, tiny
 
@@ -52,6 +55,53 @@ def test_rmsnorm_backward_against_autograd_of_the_formula():
     reference = torch.autograd.grad(formula, [x, norm.weight], g)
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_gated_silu_backward_against_autograd_of_the_formula():
+    """SwiGLU's hand-written backward (one [dg | du] buffer) equals autograd through silu(g) * u."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_GatedSiLU.apply, (x,))
+    g = torch.randn(2, 3, 4, dtype=torch.float64)
+    gate, up = x.chunk(2, dim=-1)
+    ours, = torch.autograd.grad(_GatedSiLU.apply(x), x, g)
+    reference, = torch.autograd.grad(F.silu(gate) * up, x, g)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_linear_cross_entropy_equals_the_loss_of_the_logits(monkeypatch, dtype):
+    """The chunked loss fused with the LM head: the loss and both gradients equal F.cross_entropy of
+    the full logits, over several chunks with a ragged last one, scaled by an upstream gradient."""
+    monkeypatch.setattr(loss_module, "CHUNK_NUMBERS", 50 * 64)  # 64 rows per chunk: 300 rows = 4 full + 1
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 100, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 100))
+    ours = linear_cross_entropy(hidden, weight, targets)
+    ours_grads = torch.autograd.grad(3.0 * ours, [hidden, weight])
+    reference = F.cross_entropy((hidden @ weight.t()).flatten(0, 1), targets.flatten())
+    reference_grads = torch.autograd.grad(3.0 * reference, [hidden, weight])
+    tol = {"rtol": 0, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(ours, reference, **tol)
+    for a, b in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(a, b, **tol)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), reference.detach(), **tol)
+
+
+def test_model_with_targets_returns_the_loss_of_its_logits():
+    """model(idx, targets=y) is the mean cross-entropy of model(idx), gradients included (tied head)."""
+    model = random_model("llama")
+    idx, y = tokens(2, 9), tokens(2, 9, seed=4)
+    fused = model(idx, targets=y)
+    fused_grads = torch.autograd.grad(fused, list(model.parameters()))
+    plain = F.cross_entropy(model(idx).flatten(0, 1), y.flatten())
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
 
 def test_top_k_filter_keeps_the_k_largest():
     logits = torch.tensor([[1.0, 5.0, 3.0, -2.0, 4.0]])

@@ -348,6 +348,13 @@ def merge_partial_attention(outputs: Tensor, lse: Tensor) -> Tensor:
     return (torch.softmax(lse, dim=-1)[..., None] * outputs).sum(-2)
 
 
+SPARSE_MIN_KEYS = 1024
+"""MoBA and NSA compute on their selected keys alone when a call sees at least this many keys; below
+it they take the dense-mask path, which is faster there on a CPU (the gathering and grouping are many
+small operations), and equal (tests/test_attention.py). Forward + backward of one layer, d 192, 2,048
+tokens a batch, 1 thread, sparse vs dense ms: MoBA (blocks of 32, top-3) 271 vs 50 at T = 128, 164 vs
+135 at 512, 170 vs 367 at 1024; NSA (blocks of 16, window 64) 533 vs 233 at 512, 588 vs 734 at 1024."""
+
 GATHER_MAX_NUMBERS = 1 << 18
 """block_sparse_attention gathers the chosen keys per query up to this many numbers (1 MB in fp32)"""
 
@@ -455,8 +462,9 @@ class MoBA(GroupedQueryAttention):
     """Mixture of Block Attention (Lu et al. 2025): the keys are cut into blocks of `moba_block_size`;
     each query head scores every earlier block by q . mean(K_block) and attends to the top-k blocks
     only, where its own (current) block is always one of the k, causal inside it. Same projections
-    and cache as GQA. The attention is computed on the chosen blocks alone (block_sparse_attention);
-    `sparse = False` computes it as a mask over all keys instead, the reference the tests compare with."""
+    and cache as GQA. From SPARSE_MIN_KEYS keys on, the attention is computed on the chosen blocks
+    alone (block_sparse_attention); below that, or with `sparse = False`, as a mask over all keys,
+    the reference the tests compare with."""
 
     sparse = True
 
@@ -485,7 +493,7 @@ class MoBA(GroupedQueryAttention):
         picked = gate.topk(n_past, dim=-1).indices  # (B, H, T, n_past); may pick -inf entries when
         picked_ok = past.expand(B, H, T, n_blocks).gather(-1, picked)  # fewer past blocks exist than slots
         scale = 1.0 / math.sqrt(q.shape[-1])
-        if self.sparse:
+        if self.sparse and S >= SPARSE_MIN_KEYS:
             return self.merge_heads(block_sparse_attention(q, k, v, picked, picked_ok, self.block, pos, scale))
         chosen = torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, picked, picked_ok)
         # token mask: key in a chosen past block, or in the query's own block and not in its future
@@ -515,9 +523,9 @@ class NativeSparseAttention(_CachedAttention):
     Cache per token: raw K and V of the three branches; the compressed tokens are recomputed from
     the cached raw cmp keys/values (a production kernel would cache them too: 1/l extra).
 
-    The selection and window branches are computed on their keys alone (block_sparse_attention,
-    sliding_window_attention); `sparse = False` computes them as masks over all keys instead, the
-    reference the tests compare with. The compressed branch is dense over S / l compressed tokens,
+    From SPARSE_MIN_KEYS keys on, the selection and window branches are computed on their keys alone
+    (block_sparse_attention, sliding_window_attention); below that, or with `sparse = False`, as masks
+    over all keys, the reference the tests compare with. The compressed branch is dense over S / l compressed tokens,
     as in the paper."""
 
     sparse = True
@@ -585,7 +593,7 @@ class NativeSparseAttention(_CachedAttention):
         n_pick = min(self.top_k, n_cmp)
         picked = importance.topk(n_pick, dim=-1).indices.repeat_interleave(group, dim=1)  # (B, H, T, n_pick)
         picked_ok = earlier.expand(B, H, T, n_cmp).gather(-1, picked)  # -inf picks: fewer earlier blocks
-        if self.sparse:
+        if self.sparse and S >= SPARSE_MIN_KEYS:
             o_slc = block_sparse_attention(q, kv["k_slc"], kv["v_slc"], picked, picked_ok, self.block, pos, scale)
             o_win = sliding_window_attention(q, kv["k_win"], kv["v_win"], self.window, pos, scale)
         else:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from core.artifacts import UserError, atomic_write, atomic_write_text
 from core.nn.attention import build_attention
+from core.nn.loss import linear_cross_entropy
 from core.nn.moe import MoE, SwiGLU
 from core.nn.norm import RMSNorm
 
@@ -196,14 +197,20 @@ class Transformer(nn.Module):
         return sum(b.attn.cache_bytes_per_token() for b in self.blocks)
 
     def forward(self, idx: Tensor, caches: list[dict] | None = None, pos: int = 0,
-                key_mask: Tensor | None = None) -> Tensor:
-        """idx (B, T) token ids at positions pos .. pos + T - 1 -> logits (B, T, vocab_size).
+                key_mask: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
+        """idx (B, T) token ids at positions pos .. pos + T - 1 -> logits (B, T, vocab_size), or with
+        `targets` (B, T) the mean next-token cross-entropy, a float32 scalar, computed with the LM head
+        chunk by chunk so that the batch's logits are never built (core/nn/loss.py; nanoGPT's
+        model(idx, targets) also returns the loss, after building the logits).
 
         With `caches`, keys/values of these tokens are stored and earlier cached ones are attended.
         `key_mask` (B, pos + T) bool marks the real tokens of a left-padded batch (False = padding,
         never attended); None for a batch without padding.
         Sets `self.aux_loss` to the sum of the MoE load-balancing losses (0 for dense FFNs)."""
-        return self.lm_head(self.hidden(idx, caches, pos, key_mask))
+        hidden = self.hidden(idx, caches, pos, key_mask)
+        if targets is not None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        return self.lm_head(hidden)
 
     def hidden(self, idx: Tensor, caches: list[dict] | None = None, pos: int = 0,
                key_mask: Tensor | None = None) -> Tensor:

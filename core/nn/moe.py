@@ -43,6 +43,31 @@ from torch import Tensor, nn
 from core.nn.fused import fused_linear
 
 
+class _GatedSiLU(torch.autograd.Function):
+    """silu(g) * u of the fused projection's output [g | u], with a backward that writes both
+    gradients into one [dg | du] buffer, the layout the fused matmul's backward reads. Autograd would
+    compute dg and du apart and then concatenate them (split's backward): one more pass over the
+    widest activation of the block.
+        du = dy * silu(g),   dg = dy * u * silu'(g),   silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)"""
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor) -> Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        ctx.save_for_backward(gate_up, silu_gate)
+        return silu_gate * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        gate_up, silu_gate = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)  # dy u silu'(g)
+        torch.mul(grad, silu_gate, out=grad_up)
+        return grad_gate_up
+
+
 class SwiGLU(nn.Module):
     """The dense Llama FFN (Shazeer 2020): y = w2( silu(w1 x) * w3 x ); w1 gate, w3 up, w2 down."""
 
@@ -53,8 +78,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = fused_linear(x, self.w1, self.w3).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(_GatedSiLU.apply(fused_linear(x, self.w1, self.w3)))
 
 
 def load_balancing_loss(router_probs: Tensor, expert_index: Tensor, n_experts: int) -> Tensor:

@@ -277,9 +277,8 @@ def train_step(model, raw: Transformer, opt: torch.optim.Optimizer, bins: TokenB
         # DDP all-reduces gradients on every backward; skip it until the last micro-batch
         sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
         with sync:
-            with autocast(cfg, device):
-                logits = model(mx)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), my.flatten())
+            with autocast(cfg, device):  # the loss comes fused with the LM head: no (B, T, V) logits
+                ce = model(mx, targets=my)
             loss = ce + cfg.aux_loss_coef * raw.aux_loss if raw.cfg.ffn == "moe" else ce
             (loss / cfg.grad_accum).backward()  # sum of micro-gradients = gradient of the mean
         loss_sum += ce.detach()
