@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.nn.model import Transformer, scaled_config  # noqa: E402
+from core.results import record_benchmark  # noqa: E402
 
 ARCHS = {"MHA": ("llama", {}), "GQA": ("gqa", {}), "MQA": ("mqa", {}),
          "MLA naive": ("mla", {"mla_absorb": False}), "MLA absorbed": ("mla", {"mla_absorb": True})}
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--batch", type=at_least(1), default=4)
     parser.add_argument("--rounds", type=at_least(1), default=3)
     parser.add_argument("--threads", type=at_least(1), default=1)
+    parser.add_argument("--record", action="store_true",
+                        help="also write the table to assets/results/benchmarks/attention_decode.json (README figures)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     contexts = args.contexts
@@ -94,13 +97,18 @@ def main() -> None:
     for context in contexts:
         table.add_column(f"tok/s at {context}", justify="right")
         table.add_column("x MHA", justify="right")
+    rows = []
     for name, model in models.items():
         cells = [name, f"{model.cache_bytes_per_token():,}"]
         for context in contexts:
             rate = statistics.median(rates[name, context])
-            cells += [f"{rate * args.batch:,.0f}", f"{rate / statistics.median(rates['MHA', context]):.2f}"]
+            vs_mha = rate / statistics.median(rates["MHA", context])
+            cells += [f"{rate * args.batch:,.0f}", f"{vs_mha:.2f}"]
+            rows.append({"attention": name, "context": context, "tokens_per_s": rate * args.batch, "vs_mha": vs_mha})
         table.add_row(*cells)
     Console().print(table)
+    if args.record:
+        print("recorded:", record_benchmark("attention_decode", " ".join(["python", *sys.argv]), ["attention"], rows))
 
 
 if __name__ == "__main__":

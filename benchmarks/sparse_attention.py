@@ -32,6 +32,7 @@ from benchmarks.attention_decode import at_least, contexts_list  # noqa: E402
 from core.nn import attention  # noqa: E402
 from core.nn.attention import GroupedQueryAttention, MoBA, NativeSparseAttention  # noqa: E402
 from core.nn.model import named_config  # noqa: E402
+from core.results import record_benchmark  # noqa: E402
 
 SIZE = dict(vocab_size=4096, n_layer=1, n_embd=192, n_head=6, n_kv_head=6, moba_block_size=128, moba_top_k=3,
             nsa_block_size=64, nsa_top_k=4, nsa_window=256)
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--contexts", type=contexts_list, default=[1024, 4096, 8192], help="T values, comma-separated")
     parser.add_argument("--rounds", type=at_least(1), default=3)
     parser.add_argument("--threads", type=at_least(1), default=1)
+    parser.add_argument("--record", action="store_true",
+                        help="also write the table to assets/results/benchmarks/sparse_attention.json (README figures)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     layers = {name: build(arch, cls, sparse, max(args.contexts) + 1) for name, (arch, cls, sparse) in VARIANTS.items()}
@@ -86,6 +89,7 @@ def main() -> None:
         table.add_column("x full", justify="right")
         table.add_column(f"decode at {T} ms", justify="right")
         table.add_column("x full", justify="right")
+    rows = []
     for name in layers:
         cells = [name]
         for T in args.contexts:
@@ -93,8 +97,12 @@ def main() -> None:
             mine = [statistics.median(t[i] for t in times[name, T]) for i in (0, 1)]
             for i in (0, 1):
                 cells += [f"{mine[i] * 1e3:.1f}", f"{full[i] / mine[i]:.2f}"]
+            rows.append({"attention": name, "context": T, "prefill_ms": mine[0] * 1e3, "prefill_vs_full": full[0] / mine[0],
+                         "decode_ms": mine[1] * 1e3, "decode_vs_full": full[1] / mine[1]})
         table.add_row(*cells)
     Console(width=200).print(table)
+    if args.record:
+        print("recorded:", record_benchmark("sparse_attention", " ".join(["python", *sys.argv]), ["attention"], rows))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from core.nn.model import NAMED_CONFIGS, Transformer  # noqa: E402
 from core.nn.training import adamw_groups  # noqa: E402
+from core.results import record_benchmark  # noqa: E402
 from pre_train.llm.nanogpt.code.nanogpt import model_config  # noqa: E402
 from pre_train.llm.nanogpt.module import MODULE  # noqa: E402
 
@@ -119,6 +120,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each model per thread count")
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--arch", default="llama", choices=list(NAMED_CONFIGS), help="our architecture")
+    parser.add_argument("--record", action="store_true",
+                        help="also write the table to assets/results/benchmarks/transformer_vs_gpt2.json (README figures)")
     args = parser.parse_args()
     try:
         thread_counts = [int(t) for t in args.threads.split(",")]
@@ -135,11 +138,16 @@ def main() -> int:
           f"ours ({args.arch}) {non_embedding_params(ours):,}, GPT-2 reference {non_embedding_params(ref):,}")
     print(f"{'our loss':>22}  {'threads':>7}  {'GPT-2 ms/step':>13}  {'ours ms/step':>12}  "
           f"{'ours vs GPT-2 (tokens/s ratio)':>30}")
+    rows = []
     for fused_loss in (True, False):
         for threads in thread_counts:
             ref_s, ours_s, ratio = ratio_at(threads, args.arch, args.steps, fused_loss)
             print(f"{'fused with the LM head' if fused_loss else 'from logits, as GPT-2':>22}  {threads:>7}  "
                   f"{ref_s * 1e3:>13.0f}  {ours_s * 1e3:>12.0f}  {ratio:>29.2f}x")
+            rows.append({"arch": args.arch, "fused_loss": fused_loss, "threads": threads, "gpt2_ms_per_step": ref_s * 1e3,
+                         "ours_ms_per_step": ours_s * 1e3, "ours_vs_gpt2": ratio})
+    if args.record:
+        print("recorded:", record_benchmark("transformer_vs_gpt2", " ".join(["python", *sys.argv]), ["nanogpt"], rows))
     return 0
 
 

@@ -4,8 +4,13 @@ figure the docs publish comes from a run of the current code.
     assets/results/<module>.json   {"module", "runs": {"default": RUN, "toy": RUN, "default@seed1": RUN, ...}}
     RUN                            seed, commit, wall time, threads, config, metrics, timings and the
                                    run's small CSV tables (at most MAX_TABLE_ROWS rows each)
+    assets/results/benchmarks/<benchmark>.json
+                                   {"benchmark", "command", "modules", "commit", "dirty", "recorded_at",
+                                    "rows": [...]}: one side-by-side measurement of benchmarks/<benchmark>.py,
+                                   quotable by the READMEs of the modules it names
 
-scripts/record_results.py writes them from runs in the work dir. tests/test_published_figures.py reads
+scripts/record_results.py writes the module records from runs in the work dir; a benchmark writes its
+own with `--record`. tests/test_published_figures.py reads
 every README and fails on a published figure that no record holds (`unrecorded`).
 
 A published figure is a number written with a decimal point (0.542, −27.3, 1.7e-6, 2.56M) or with
@@ -22,14 +27,17 @@ from __future__ import annotations
 import csv
 import math
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from core import artifacts
 from core.paths import ROOT
 from core.registry import Module, Registry
+from core.run_context import git_state
 
 RESULTS_DIR = ROOT / "assets" / "results"
+BENCHMARKS_DIR = RESULTS_DIR / "benchmarks"
 MAX_TABLE_ROWS = 60
 """CSV tables up to this many rows are kept in a record (sweeps, per-seed tables); learning curves are not"""
 UNIT_SCALES = {"": (1.0,), "%": (100.0, 1.0), "min": (1 / 60, 1.0), "k": (1e-3,), "M": (1e-6,), "G": (1e-9,)}
@@ -80,6 +88,27 @@ def load_record(module: str) -> dict[str, Any] | None:
         raise artifacts.CorruptArtifact(f"{path}: not a results record (expected {{\"runs\": {{key: run}}}}); "
                                         f"rewrite it with python scripts/record_results.py --module {module} --run")
     return record
+
+
+def record_benchmark(name: str, command: str, modules: list[str], rows: list[dict[str, Any]]) -> Path:
+    """Write benchmarks/<name>.py's measurement (its printed table as rows of numbers) as the record
+    the READMEs of `modules` may quote; atomically, replacing the previous one."""
+    return artifacts.write_json(BENCHMARKS_DIR / f"{name}.json", {
+        "benchmark": name, "command": command, "modules": modules, **git_state(),
+        "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows})
+
+
+def benchmark_records(module: str) -> list[dict[str, Any]]:
+    """The benchmark records that name `module`; CorruptArtifact (naming the file) for one that is not one."""
+    found = []
+    for path in sorted(BENCHMARKS_DIR.glob("*.json")):
+        record = artifacts.read_json(path)
+        if not (isinstance(record, dict) and isinstance(record.get("modules"), list) and "rows" in record):
+            raise artifacts.CorruptArtifact(f"{path}: not a benchmark record (expected \"modules\" and \"rows\"); "
+                                            f"rewrite it with python benchmarks/{path.stem}.py --record")
+        if module in record["modules"]:
+            found.append(record)
+    return found
 
 
 def numbers(value: Any) -> Iterator[float]:
@@ -159,10 +188,12 @@ def _with_upstream(module: Module, registry: Registry) -> list[Module]:
 
 
 def quotable(modules: Iterable[Module]) -> list[float]:
-    """What a text about these modules may quote: their records and their checks' thresholds."""
+    """What a text about these modules may quote: their records, the benchmark records that name them
+    and their checks' thresholds."""
     values: list[float] = []
     for m in modules:
         values += numbers(load_record(m.name))
+        values += numbers([b["rows"] for b in benchmark_records(m.name)])
         values += [c.value for c in m.checks if c.value is not None]
     return values
 

@@ -51,6 +51,23 @@ def test_a_corrupt_record_is_one_clear_error_naming_its_file(tmp_path, monkeypat
         assert len(err.splitlines()) == 1 and "mdp.json" in err and err.startswith("error: ")
 
 
+def test_a_benchmark_record_is_quotable_by_the_modules_it_names_only(tmp_path, monkeypatch, capsys):
+    """benchmarks/*.py --record: the README of a module the record names may quote its rows, another
+    module's README may not; a corrupt benchmark record is one clear error naming its file."""
+    from scripts import check_figures
+    monkeypatch.setattr(results, "BENCHMARKS_DIR", tmp_path)
+    path = results.record_benchmark("decode", "python benchmarks/decode.py --record", ["attention"],
+                                    [{"attention": "GQA", "context": 4096, "vs_mha": 1.5234}])
+    record = json.loads(path.read_text())
+    assert record["modules"] == ["attention"] and record["command"].endswith("--record") and "commit" in record
+    attention, mdp = REGISTRY.get("attention"), REGISTRY.get("mdp")
+    assert is_recorded("1.52", results.quotable([attention])) and not is_recorded("1.52", results.quotable([mdp]))
+    path.write_text('{"rows": []}')  # no "modules"
+    assert check_figures.main(["--module", "attention"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "decode.json" in err and err.startswith("error: ")
+
+
 def test_record_results_keeps_the_record_when_the_latest_run_is_another_seed(run_module, tmp_path, monkeypatch):
     from scripts import record_results
     monkeypatch.setattr(results, "RESULTS_DIR", tmp_path / "results")

@@ -42,10 +42,15 @@ def rope_cos_sin(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Ten
     return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
-def swap_halves(x: Tensor) -> Tensor:
-    """(x_1, x_2) -> (x_2, x_1) over the last dimension: the pair partner of every element."""
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
+    """x * cos + sign * swap(x) * sin, swap(x_1, x_2) = (x_2, x_1) over the last dimension (each
+    element's pair partner), the swapped product added into each half in place rather than built
+    as a concatenated copy."""
     half = x.shape[-1] // 2
-    return torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=sign)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
+    return out
 
 
 class _Rotate(torch.autograd.Function):
@@ -58,12 +63,12 @@ class _Rotate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         ctx.save_for_backward(cos, sin)
-        return torch.addcmul(x * cos, swap_halves(x), sin)
+        return rotate_pairs(x, cos, sin, 1.0)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         cos, sin = ctx.saved_tensors
-        return torch.addcmul(grad * cos, swap_halves(grad), sin, value=-1), None, None
+        return rotate_pairs(grad, cos, sin, -1.0), None, None
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
