@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import core.nn.loss as loss_module
+from core.nn import attention
 from core.nn.loss import linear_cross_entropy
 from core.nn.model import NAMED_CONFIGS, Transformer, export_hf, top_k_filter, top_p_filter
 from core.nn.moe import _GatedSiLU
@@ -264,3 +265,11 @@ def test_no_logit_depends_on_a_later_token(arch, options):
             other = model(changed)
             torch.testing.assert_close(other[:, :t], full[:, :t], rtol=0, atol=1e-10, msg=f"cut at {t}")
             assert not torch.allclose(other[:, t], full[:, t]), "the change itself must show"
+
+
+@pytest.mark.parametrize("arch", ["moba", "nsa"])
+def test_the_sparse_paths_do_not_depend_on_a_later_token_either(arch, monkeypatch):
+    """At these few tokens MoBA and NSA take their dense-mask path (SPARSE_MIN_KEYS); force the
+    block-sparse and window computations and hold them to the same cut."""
+    monkeypatch.setattr(attention, "SPARSE_MIN_KEYS", 0)
+    test_no_logit_depends_on_a_later_token(arch, {})
