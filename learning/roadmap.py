@@ -351,11 +351,18 @@ def study_order(modules: list[Module], foundation: bool, registry: Registry) -> 
     return order
 
 
-def _cut(modules: list[Module], budget: int) -> list[list[Module]]:
-    """The modules in order, a new day whenever the next one would take the day past `budget`."""
+def _cut(modules: list[Module], budget: int, focused: bool) -> list[list[Module]]:
+    """The modules in order, a new day whenever the next one would take the day past `budget`; with
+    `focused`, also whenever it would put two most-asked topics on one day or a second companion on a
+    most-asked topic's day (a most-asked topic then shares its day with at most one lighter one)."""
+    def fits(day: list[Module], m: Module) -> bool:
+        heavy = [x for x in (*day, m) if x.interview_weight == FULL_WEIGHT]
+        return (sum(x.interview_weight for x in day) + m.interview_weight <= budget
+                and (not focused or not heavy or (len(heavy) == 1 and len(day) == 1)))
+
     days: list[list[Module]] = []
     for m in modules:
-        if days and sum(x.interview_weight for x in days[-1]) + m.interview_weight <= budget:
+        if days and fits(days[-1], m):
             days[-1].append(m)
         else:
             days.append([m])
@@ -363,13 +370,15 @@ def _cut(modules: list[Module], budget: int) -> list[list[Module]]:
 
 
 def study_days(tracks: list[tuple[Track, list[Module]]], available: int) -> list[tuple[Track, list[Module]]]:
-    """Each track's modules cut into days under the smallest weight budget that fits `available` days;
-    then the days a budget step leaves free go to the most-asked topics (`_split_days`)."""
+    """Each track's modules cut into days under the smallest weight budget that fits `available` days,
+    the most-asked topics kept focused (`_cut`) if any budget allows it, else not; then the days a
+    budget step leaves free go to the most-asked topics (`_split_days`)."""
     total = sum(m.interview_weight for _, modules in tracks for m in modules)
-    for budget in range(1, max(total, 1) + 1):  # at `total` each track is one day; no module at all: no day
-        days = [(track, day) for track, modules in tracks for day in _cut(modules, budget)]
-        if len(days) <= available:
-            return _split_days(days, available)
+    for focused in (True, False):
+        for budget in range(1, max(total, 1) + 1):  # at `total` each track is one day (unfocused); no module: no day
+            days = [(track, day) for track, modules in tracks for day in _cut(modules, budget, focused)]
+            if len(days) <= available:
+                return _split_days(days, available)
     raise RoadmapError(f"learning/roadmap.toml: {sum(bool(m) for _, m in tracks)} tracks with modules do not fit "
                        f"in {available} study days (each starts a day of its own); raise `days`")
 

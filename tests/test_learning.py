@@ -122,6 +122,11 @@ def test_study_order_and_the_day_budget():
         [["e", "a", "d"], ["b"], ["c"], ["f"]], "budget 10 leaves a day free: the shared day of the weight-5 modules splits"
     assert [names(ms) for _, ms in roadmap.study_days(tracks, 4)] == [["e", "a"], ["d"], ["b"], ["c"]], \
         "budget 6 fits in 3; the fourth day splits e a d where its weights (1 2 3) balance"
+    g = fake("g", 4)
+    assert [names(ms) for _, ms in roadmap.study_days([(two, [b, c, g, a, e])], 3)] == [["b"], ["c"], ["g", "a", "e"]], \
+        "focused: the most-asked b and c never share a day (budget 7)"
+    assert [names(ms) for _, ms in roadmap.study_days([(two, [b, c, g, a, e])], 2)] == [["b", "c"], ["g", "a", "e"]], \
+        "no focused plan fits in 2 days: the plain budget (10) decides"
     with pytest.raises(RoadmapError, match="2 tracks with modules do not fit in 1 study days"):
         roadmap.study_days(tracks, 1)
 
