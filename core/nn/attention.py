@@ -358,7 +358,8 @@ SPARSE_MIN_KEYS = 1024
 it they take the dense-mask path, which is faster there on a CPU (the gathering and grouping are many
 small operations), and equal (tests/test_attention.py). Forward + backward of one layer, d 192, 2,048
 tokens a batch, 1 thread, sparse vs dense ms: MoBA (blocks of 32, top-3) 271 vs 50 at T = 128, 164 vs
-135 at 512, 170 vs 367 at 1024; NSA (blocks of 16, window 64) 533 vs 233 at 512, 588 vs 734 at 1024."""
+135 at 512, 170 vs 367 at 1024; NSA (blocks of 16, window 64) 533 vs 233 at 512, 588 vs 734 at 1024
+(one run of a throwaway script; benchmarks/sparse_attention.py times both paths at 1k-8k)."""
 
 GATHER_MAX_NUMBERS = 1 << 18
 """block_sparse_attention gathers the chosen keys per query up to this many numbers (1 MB in fp32)"""
@@ -530,8 +531,8 @@ class NativeSparseAttention(_CachedAttention):
 
     From SPARSE_MIN_KEYS keys on, the selection and window branches are computed on their keys alone
     (block_sparse_attention, sliding_window_attention); below that, or with `sparse = False`, as masks
-    over all keys, the reference the tests compare with. The compressed branch is dense over S / l compressed tokens,
-    as in the paper."""
+    over all keys, the reference the tests compare with. The compressed branch is dense over S / l
+    compressed tokens, as in the paper."""
 
     sparse = True
 

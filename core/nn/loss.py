@@ -59,8 +59,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy of F.linear(hidden, weight) against targets, the logits never built whole.
-    hidden (..., d), weight (V, d), targets (...) int -> float32 scalar; equal to
+    hidden (..., d), weight (V, d), targets (...) int -> a scalar in float32 at least; equal to
     F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), targets.flatten()) up to rounding
-    (tests/test_loss.py). The gradients are computed with the loss when autograd needs them."""
+    (tests/test_model.py). The gradients are computed with the loss when autograd needs them."""
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(), with_grad)
