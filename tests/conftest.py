@@ -29,9 +29,18 @@ def registry():
     return discover()
 
 
+@pytest.fixture(scope="session")
+def pretrained_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache of pretrained frozen models for the session (core/paths.py): the vision encoder and
+    the shape-world decoder that the vision-language modules load are pretrained once, not in every
+    test's work dir."""
+    return tmp_path_factory.mktemp("pretrained")
+
+
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pretrained_cache: Path) -> Path:
     monkeypatch.setenv("FINETUNE_WORKDIR", str(tmp_path))
+    monkeypatch.setenv("FINETUNE_PRETRAINED_CACHE", str(pretrained_cache))
     return tmp_path
 
 

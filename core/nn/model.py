@@ -197,28 +197,38 @@ class Transformer(nn.Module):
         return sum(b.attn.cache_bytes_per_token() for b in self.blocks)
 
     def forward(self, idx: Tensor, caches: list[dict] | None = None, pos: int = 0,
-                key_mask: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, targets: Tensor | None = None,
+                prefix: Tensor | None = None) -> Tensor:
         """idx (B, T) token ids at positions pos .. pos + T - 1 -> logits (B, T, vocab_size), or with
         `targets` (B, T) the mean next-token cross-entropy, a float32 scalar, computed with the LM head
         chunk by chunk so that the batch's logits are never built (core/nn/loss.py; nanoGPT's
         model(idx, targets) also returns the loss, after building the logits).
 
+        `prefix` (B, P, n_embd): embeddings placed before the tokens (a vision-language model's image
+        tokens, LLaVA's projected patches, BLIP-2's query outputs); they take positions pos .. pos + P - 1
+        and the tokens follow. Logits and targets cover the tokens only.
+
         With `caches`, keys/values of these tokens are stored and earlier cached ones are attended.
         `key_mask` (B, pos + T) bool marks the real tokens of a left-padded batch (False = padding,
         never attended); None for a batch without padding.
         Sets `self.aux_loss` to the sum of the MoE load-balancing losses (0 for dense FFNs)."""
-        hidden = self.hidden(idx, caches, pos, key_mask)
+        hidden = self.hidden(idx, caches, pos, key_mask, prefix)
+        if prefix is not None:
+            hidden = hidden[:, prefix.shape[1]:]
         if targets is not None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets)
         return self.lm_head(hidden)
 
     def hidden(self, idx: Tensor, caches: list[dict] | None = None, pos: int = 0,
-               key_mask: Tensor | None = None) -> Tensor:
+               key_mask: Tensor | None = None, prefix: Tensor | None = None) -> Tensor:
         """The final normalised hidden states (B, T, n_embd) that the LM head reads: what a scalar head
-        (reward model, critic: core/nn/heads.py) reads instead. Arguments as for forward."""
-        if pos + idx.shape[1] > self.cfg.block_size:
-            raise ValueError(f"positions up to {pos + idx.shape[1]} exceed block_size {self.cfg.block_size}")
+        (reward model, critic: core/nn/heads.py) reads instead. Arguments as for forward; with a
+        `prefix` the states of its P positions come first: (B, P + T, n_embd)."""
         x = self.tok_emb(idx)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        if pos + x.shape[1] > self.cfg.block_size:
+            raise ValueError(f"positions up to {pos + x.shape[1]} exceed block_size {self.cfg.block_size}")
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], pos, key_mask)
         aux = [b.ffn.aux_loss for b in self.blocks if isinstance(b.ffn, MoE)]
@@ -229,20 +239,23 @@ class Transformer(nn.Module):
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, prompt_mask: Tensor | None = None,
-                 stop_token: int | None = None) -> Tensor:
+                 stop_token: int | None = None, prefix: Tensor | None = None) -> Tensor:
         """Append up to max_new_tokens sampled tokens to idx (B, T0); temperature 0 = greedy.
 
         The prompt is run once (prefill) into a KV cache; then each step feeds only the newest token.
         T0 + max_new_tokens must fit in block_size (RoPE tables and caches are sized for it).
         Prompts of different lengths go in one call left-padded, with `prompt_mask` (B, T0) False on
         the padding. With `stop_token`, generation ends early once every row has produced it (the
-        tokens a row samples after its stop token are left for the caller to cut)."""
-        B, T0 = idx.shape
+        tokens a row samples after its stop token are left for the caller to cut). A `prefix` (B, P,
+        n_embd) of embeddings goes before the prompt, as in forward; the result holds the tokens only."""
+        B = idx.shape[0]
+        T0 = idx.shape[1] + (0 if prefix is None else prefix.shape[1])  # positions before the first new token
         caches = self.init_cache(B, T0 + max_new_tokens)
         key_mask = None
         if prompt_mask is not None:
-            key_mask = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
-        logits = self(idx, caches, pos=0, key_mask=key_mask)[:, -1]
+            prefix_mask = prompt_mask.new_ones(B, T0 - idx.shape[1], dtype=torch.bool)
+            key_mask = torch.cat([prefix_mask, prompt_mask.bool(), prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
+        logits = self(idx, caches, pos=0, key_mask=key_mask, prefix=prefix)[:, -1]
         out = [idx]
         stopped = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from core.artifacts import UserError, atomic_write, atomic_write_text
 from core.data.shapes import COLOURS, IMAGE_SIZE, KINDS, SIDES, SIZES, Scene, make_scenes, render_batch
-from core.paths import workdir
+from core.paths import pretrained_cache
 
 NONE = "none"
 ATTRIBUTES = {"kind": (*KINDS, NONE), "colour": (*COLOURS, NONE), "size": (*SIZES, NONE)}
@@ -160,7 +160,7 @@ def attribute_accuracy(encoder: VisionEncoder, heads: AttributeHeads, scenes: li
 
 def cache_dir(cfg: VisionConfig):
     tag = "_".join(f"{v}" for v in dataclasses.astuple(cfg))
-    return workdir() / "output" / "vision_cache" / f"vit_{tag}"
+    return pretrained_cache() / f"vit_{tag}"
 
 
 def load_vision_encoder(cfg: VisionConfig = VisionConfig(), say: Callable[[str], None] = print) -> VisionEncoder:
