@@ -7,6 +7,7 @@ run_on_ranks runs a function on several ranks: torchrun's, or processes it spawn
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -59,7 +60,9 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, arg: Any, re
     try:
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                              world_size=world_size)
-        results.put((rank, True, fn(rank, world_size, arg)))
+        # pickled here, by value: the queue alone would pass tensors as shared memory, which a rank that
+        # has exited can no longer hand over
+        results.put((rank, True, pickle.dumps(fn(rank, world_size, arg))))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it with the rank's name
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -105,7 +108,7 @@ def run_on_ranks(fn: Callable[[int, int, Any], R], world_size: int, arg: Any = N
                 continue
             if not ok:
                 raise RankFailed(f"rank {r} failed:\n{value}")
-            out[r] = value
+            out[r] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=5 if len(out) == world_size else 0.5)

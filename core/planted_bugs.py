@@ -32,7 +32,7 @@ from xml.etree import ElementTree
 from core import preloaded
 from core.artifacts import read_json
 from core.contract import PLANTED_ENV, PlantedBug
-from core.paths import ROOT
+from core.paths import ROOT, pretrained_cache
 from core.registry import Module
 
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info",
@@ -84,6 +84,10 @@ def hunt(module: Module, bug: PlantedBug, upstream: Path | None = None) -> Hunt:
         work.mkdir(exist_ok=True)
         env = {**os.environ, "FINETUNE_WORKDIR": str(work), "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1",
                PLANTED_ENV: f"{module.name}/{bug.id}"}
+        if not bug.file.startswith("core/"):
+            # the frozen pretrained models (core/paths.py) are built by core/ code only: a bug planted
+            # elsewhere cannot change them, so the copy reads the launcher's cache instead of pretraining
+            env["FINETUNE_PRETRAINED_CACHE"] = str(pretrained_cache())
         found: dict[str, Verdict] = {}
         checks = [target for kind, target in bug.catchers() if kind == "check"]
         tests = [target for kind, target in bug.catchers() if kind == "test"]

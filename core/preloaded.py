@@ -44,7 +44,9 @@ def child(request):
         if request["kind"] == "pytest":
             code = int(pytest.main(sys.argv[1:]))
         else:
-            runpy.run_path(sys.argv[0], run_name="__main__")
+            # absolute: a spawned process (core/distributed.run_on_ranks) re-imports __main__ by this path,
+            # from the zygote's original directory, not this cwd
+            runpy.run_path(os.path.abspath(sys.argv[0]), run_name="__main__")
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except BaseException:

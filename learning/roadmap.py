@@ -354,7 +354,9 @@ def study_order(modules: list[Module], foundation: bool, registry: Registry) -> 
 def _cut(modules: list[Module], budget: int, focused: bool) -> list[list[Module]]:
     """The modules in order, a new day whenever the next one would take the day past `budget`; with
     `focused`, also whenever it would put two most-asked topics on one day or a second companion on a
-    most-asked topic's day (a most-asked topic then shares its day with at most one lighter one)."""
+    most-asked topic's day (a most-asked topic then shares its day with at most one lighter one), and a
+    lighter module first joins the earliest most-asked day still alone that comes no earlier than the
+    days of its dependencies, so the track's companions spread over its most-asked days."""
     def fits(day: list[Module], m: Module) -> bool:
         heavy = [x for x in (*day, m) if x.interview_weight == FULL_WEIGHT]
         return (sum(x.interview_weight for x in day) + m.interview_weight <= budget
@@ -362,6 +364,12 @@ def _cut(modules: list[Module], budget: int, focused: bool) -> list[list[Module]
 
     days: list[list[Module]] = []
     for m in modules:
+        if focused and m.interview_weight < FULL_WEIGHT:
+            after = max((i for i, day in enumerate(days) for x in day if x.name in m.depends), default=0)
+            host = next((day for day in days[after:] if len(day) == 1 and fits(day, m)), None)
+            if host is not None:
+                host.append(m)
+                continue
         if days and fits(days[-1], m):
             days[-1].append(m)
         else:

@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
+from core.nn.ddpm import Schedule, betas_for, p_sample_step, time_embedding
 from pre_train.generation.diffusion.code.diffusion import (
-    DATA_NOISE, MOONS_SHIFT, NEAR, RADIUS_8G, EpsMLP, Schedule, balance_tv, betas_for, coverage, forward_comparison,
-    gaussian_centres, make_data, manifold_distance, p_sample_step, share_near, time_embedding,
+    DATA_NOISE, MOONS_SHIFT, NEAR, RADIUS_8G, EpsMLP, balance_tv, coverage, forward_comparison, gaussian_centres,
+    make_data, manifold_distance, share_near,
 )
 
 T = 1000

@@ -9,10 +9,10 @@ import torch
 from core.distributed import RankFailed, run_on_ranks
 
 
-def _sum_of_ranks(rank: int, world_size: int, scale: float) -> tuple[int, float]:
+def _sum_of_ranks(rank: int, world_size: int, scale: float) -> tuple[int, torch.Tensor]:
     x = torch.tensor([float(rank + 1)])
     torch.distributed.all_reduce(x)
-    return rank, x.item() * scale
+    return rank, x * scale  # a tensor comes back from a rank that has exited
 
 
 def _fail_on_rank_one(rank: int, world_size: int, _) -> int:
@@ -26,7 +26,8 @@ def _hang(rank: int, world_size: int, _) -> None:
 
 
 def test_every_rank_joins_one_group_and_returns_its_result():
-    assert run_on_ranks(_sum_of_ranks, 2, 10.0) == [(0, 30.0), (1, 30.0)]   # (1 + 2) * 10 on both ranks
+    (r0, x0), (r1, x1) = run_on_ranks(_sum_of_ranks, 2, 10.0)
+    assert (r0, r1) == (0, 1) and x0.tolist() == x1.tolist() == [30.0]   # (1 + 2) * 10 on both ranks
 
 
 def test_a_failing_rank_is_named_with_its_traceback():

@@ -91,8 +91,7 @@ def test_the_days_lean_on_what_interviewers_ask(registry, data):
         shared = days[day_of[name] - 1].modules
         assert len(shared) <= 2 and most_asked & set(shared) == {name}, \
             f"{name} is most asked: at most one lighter topic shares its day ({shared})"
-    alone = [m for m in most_asked if days[day_of[m] - 1].modules == [m]]
-    assert len(alone) >= 6, f"most of the most-asked topics have a day of their own: {sorted(alone)}"
+        assert shared[0] == name, f"{name} leads its day, its lighter companion follows ({shared})"
     assert not [d for d in days if d.title.startswith("Review")], "no day is left free while study days are shared"
     llm_and_post_training = {day_of[m] for m in day_of if category[m] in ("llm", "alignment", "evaluation")}
     assert len(llm_and_post_training) >= 9
@@ -123,8 +122,8 @@ def test_study_order_and_the_day_budget():
     assert [names(ms) for _, ms in roadmap.study_days(tracks, 4)] == [["e", "a"], ["d"], ["b"], ["c"]], \
         "budget 6 fits in 3; the fourth day splits e a d where its weights (1 2 3) balance"
     g = fake("g", 4)
-    assert [names(ms) for _, ms in roadmap.study_days([(two, [b, c, g, a, e])], 3)] == [["b"], ["c"], ["g", "a", "e"]], \
-        "focused: the most-asked b and c never share a day (budget 7)"
+    assert [names(ms) for _, ms in roadmap.study_days([(two, [b, c, g, a, e])], 3)] == [["b", "e"], ["c"], ["g", "a"]], \
+        "focused: the most-asked b and c never share a day, and e joins the first most-asked day still alone (budget 6)"
     assert [names(ms) for _, ms in roadmap.study_days([(two, [b, c, g, a, e])], 2)] == [["b", "c"], ["g", "a", "e"]], \
         "no focused plan fits in 2 days: the plain budget (10) decides"
     with pytest.raises(RoadmapError, match="2 tracks with modules do not fit in 1 study days"):
@@ -157,9 +156,9 @@ def test_a_new_module_takes_its_place_without_an_edit(registry, tmp_path):
     found = roadmap.problems(days, roadmap.load_levels(grown, rules), grown)
     assert len(days) == 14 and found and all("'walker'" in p or "walker's" in p for p in found), found
     kv_day = days[studied_on(days)["kv_cache"] - 1]
-    assert (kv_day.track, kv_day.modules[0]) == ("LLM architecture and pretraining", "kv_cache")
-    assert kv_day.title.split(";")[0] == "KV cache", "the title's head"
-    assert [Drill(1, module="kv_cache", level=1), Drill(2, module="kv_cache", level=2)] == list(kv_day.drills[1:3])
+    assert kv_day.track == "LLM architecture and pretraining"
+    assert "KV cache" in kv_day.title.split("; "), "the title's head"
+    assert {Drill(1, module="kv_cache", level=1), Drill(2, module="kv_cache", level=2)} <= set(kv_day.drills)
     assert days[studied_on(days)["zero"] - 1].track == "Training and serving systems"
     assert roadmap.not_on_roadmap(days, grown) == ["walker"], "a category no track names is reported, not guessed"
     assert {"kv_cache", "zero"} <= set(days[-1].briefs) and "walker" not in days[-1].briefs
@@ -295,7 +294,8 @@ def test_roadmap_doc_shows_generated_commands_and_the_honest_header(registry, da
         for drill in day.drills:
             assert drill.command in text
     assert "python run.py --module mdp --toy\n" in text and "python scripts/smoke_test.py" in text
-    assert "| LLM architecture and pretraining | `nanogpt` (5), `attention` (5), `tokenizer` (5), `moe` (4) |" in text
+    llm_row = next(line for line in text.splitlines() if line.startswith("| LLM architecture and pretraining | "))
+    assert all(f"`{name}` ({weight})" in llm_row for name, weight in (("nanogpt", 5), ("attention", 5), ("moe", 4))), llm_row
     assert "`post_train/rl_basics/mdp/README.md`: *What it is*; *The equations" in text
 
 

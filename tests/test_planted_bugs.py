@@ -27,7 +27,8 @@ BUGS = [pytest.param(m.name, b.id, id=f"{m.name}/{b.id}", marks=[pytest.mark.toy
 
 
 @pytest.mark.parametrize("module_name,bug_id", BUGS)
-def test_every_planted_bug_is_caught(module_name, bug_id, request):
+def test_every_planted_bug_is_caught(module_name, bug_id, request, pretrained_cache, monkeypatch):
+    monkeypatch.setenv("FINETUNE_PRETRAINED_CACHE", str(pretrained_cache))  # the hunts share the session's
     module = REGISTRY.get(module_name)
     bug = next(b for b in module.bugs if b.id == bug_id)
     upstream = request.getfixturevalue("toy_chain").folder if needs_upstream(module, bug) else None

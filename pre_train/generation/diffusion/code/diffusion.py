@@ -1,23 +1,11 @@
 """Denoising diffusion probabilistic models (DDPM) on 2-D toy distributions, in one file.
 
-Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models" (indices t = 1..T):
-    forward step   q(x_t | x_{t-1}) = N( sqrt(1 - beta_t) x_{t-1}, beta_t I )                  (eq. 2)
-    closed form    q(x_t | x_0)     = N( sqrt(abar_t) x_0, (1 - abar_t) I ),
-                   alpha_t = 1 - beta_t,  abar_t = prod_{s<=t} alpha_s                          (eq. 4)
-    posterior      q(x_{t-1} | x_t, x_0) = N( mu~_t, beta~_t I ),
-                   mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0
-                           + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t,
-                   beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t                              (eqs. 6-7)
-    eps-prediction mu_theta(x_t, t) = 1/sqrt(alpha_t) ( x_t - beta_t / sqrt(1 - abar_t) eps_theta(x_t, t) )  (eq. 11)
-    loss           L_simple = E_{t, x_0, eps} || eps - eps_theta( sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t ) ||^2  (eq. 14)
-    sampling       x_T ~ N(0, I);  x_{t-1} = mu_theta(x_t, t) + sigma_t z,  z ~ N(0, I) for t > 1, else 0,
-                   sigma_t^2 = beta_t (or beta~_t)                                              (Algorithm 2)
-Schedules: linear beta_t from 1e-4 to 0.02 over T = 1000 (Ho et al.); cosine (Nichol & Dhariwal 2021,
-eq. 17): abar_t = f(t) / f(0), f(t) = cos^2( (t/T + s) / (1 + s) * pi/2 ), s = 0.008,
-beta_t = min(1 - abar_t / abar_{t-1}, 0.999).
-
-In the code the arrays are 0-based: index i holds step t = i + 1 (betas[i] = beta_{i+1}); abar_0 = 1
-is `alpha_bar_prev[0]`.
+The DDPM itself (Ho, Jain & Abbeel 2020) is shared with the DiT module and lives in core/nn/ddpm.py,
+its equations on top: the beta schedules (`betas_for`), every per-step coefficient (`Schedule`:
+q(x_t | x_0), the posterior q(x_{t-1} | x_t, x_0), sigma_t), the sinusoidal time embedding, L_simple
+(`diffusion_loss`), the ancestral sampler (`p_sample_step`, `sample`) and the EMA. This file holds
+what is particular to 2-D points: the data, the closed-form manifold, the eps_theta MLP, the forward
+process checked against the iterated chain, and the run.
 
 The data: two moons (two half circles of radius 1, the lower one shifted by (1, -0.5), centred) and
 8 Gaussians (centres on a circle of radius RADIUS_8G), each point jittered by N(0, DATA_NOISE^2 I).
@@ -37,6 +25,7 @@ import torch
 from torch import nn
 
 from core.config import Range, Seed
+from core.nn.ddpm import EMA, Schedule, betas_for, diffusion_loss, sample, time_embedding
 
 DATASETS = ("moons", "gaussians")
 DATA_NOISE = 0.03
@@ -94,61 +83,7 @@ class Config:
         return []
 
 
-# --- the noise schedule ------------------------------------------------------------------------------
-def betas_for(schedule: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.02, s: float = 0.008) -> torch.Tensor:
-    """beta_1..beta_T (float64), index i = step t = i + 1."""
-    if schedule == "linear":
-        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)              # Ho et al. 2020, sec. 4
-    t = torch.arange(T + 1, dtype=torch.float64) / T
-    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2                                 # f(t), t = 0..T
-    abar = f / f[0]                                                                      # Nichol & Dhariwal eq. 17
-    return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)                                   # beta_t = 1 - abar_t / abar_{t-1}
-
-
-class Schedule:
-    """Every per-step coefficient of the forward process, the posterior and the sampler (float64 buffers)."""
-
-    def __init__(self, betas: torch.Tensor):
-        self.T = len(betas)
-        self.betas = betas                                                               # beta_t
-        self.alphas = 1 - betas                                                          # alpha_t = 1 - beta_t
-        self.alpha_bar = torch.cumprod(self.alphas, 0)                                   # abar_t = prod_{s<=t} alpha_s (eq. 4)
-        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=betas.dtype), self.alpha_bar[:-1]])  # abar_{t-1}, abar_0 = 1
-        self.beta_tilde = (1 - self.alpha_bar_prev) / (1 - self.alpha_bar) * betas      # eq. 7
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "Schedule":
-        return cls(betas_for(cfg.schedule, cfg.T, cfg.beta_start, cfg.beta_end))
-
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: one draw from q(x_t | x_0) (eq. 4); t holds 0-based indices."""
-        ab = self.alpha_bar[t].to(x0.dtype).unsqueeze(-1)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-
-    def forward_step(self, x_prev: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps: one step of the forward chain (eq. 2)."""
-        beta = float(self.betas[i])
-        return math.sqrt(1 - beta) * x_prev + math.sqrt(beta) * noise
-
-    def posterior_mean(self, x0: torch.Tensor, xt: torch.Tensor, i: int) -> torch.Tensor:
-        """mu~_t(x_t, x_0) of q(x_{t-1} | x_t, x_0) (eq. 7): the sampler's target, written independently of it."""
-        ab, ab_prev, beta = float(self.alpha_bar[i]), float(self.alpha_bar_prev[i]), float(self.betas[i])
-        return (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * xt
-
-    def sigma(self, i: int, kind: str) -> float:
-        """sigma_t of the reverse step: sqrt(beta_t) or sqrt(beta~_t) (Ho et al. sec. 3.2)."""
-        return math.sqrt(float(self.betas[i] if kind == "beta" else self.beta_tilde[i]))
-
-
 # --- eps_theta: an MLP with a sinusoidal time embedding ---------------------------------------------
-def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Transformer-style sinusoidal embedding of the step t = i + 1: [sin(t w_k), cos(t w_k)], w_k = 10000^(-k/(dim/2))."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
-    angles = (t.float() + 1).unsqueeze(-1) * freqs
-    return torch.cat([angles.sin(), angles.cos()], -1)
-
-
 class EpsMLP(nn.Module):
     """eps_theta(x_t, t): h = W_in x_t, then per hidden layer l: h <- SiLU(W_l (h + P_l e)), e = SiLU(W_t emb(t));
     out = W_out h. The time embedding enters every layer: the noise level decides how far to denoise."""
@@ -170,57 +105,7 @@ class EpsMLP(nn.Module):
         return self.out(h)
 
 
-# --- training and sampling ----------------------------------------------------------------------------
-def diffusion_loss(model: nn.Module, sched: Schedule, x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """L_simple (eq. 14): t ~ U{1..T}, eps ~ N(0, I), regress eps from x_t."""
-    t = torch.randint(0, sched.T, (len(x0),), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    xt = sched.q_sample(x0, t, noise)
-    return ((model(xt, t) - noise) ** 2).mean()
-
-
-@torch.no_grad()
-def p_sample_step(model: nn.Module, sched: Schedule, xt: torch.Tensor, i: int, sigma: str,
-                  gen: torch.Generator) -> torch.Tensor:
-    """One ancestral step x_t -> x_{t-1} (Algorithm 2, line 4); i = t - 1."""
-    eps = model(xt, torch.tensor([i]))        # one t for the whole batch: its embedding is computed once and broadcast
-    alpha, ab, beta = 1 - float(sched.betas[i]), float(sched.alpha_bar[i]), float(sched.betas[i])
-    mean = (xt - beta / math.sqrt(1 - ab) * eps) / math.sqrt(alpha)                     # mu_theta (eq. 11)
-    noise = torch.randn(xt.shape, generator=gen) if i > 0 else torch.zeros_like(xt)     # z = 0 at t = 1
-    return mean + sched.sigma(i, sigma) * noise                                          # + sigma_t z
-
-
-@torch.no_grad()
-def sample(model: nn.Module, sched: Schedule, n: int, sigma: str, gen: torch.Generator,
-           keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """x_T ~ N(0, I), then T ancestral steps to x_0; also returns x_t at the steps t in `keep`."""
-    x = torch.randn((n, 2), generator=gen)
-    snapshots = {sched.T: x.clone()} if sched.T in keep else {}
-    for i in reversed(range(sched.T)):
-        x = p_sample_step(model, sched, x, i, sigma, gen)
-        if i in keep:                     # x now holds x_i = x_{t-1}
-            snapshots[i] = x.clone()
-    return x, snapshots
-
-
-class EMA:
-    """theta_ema <- d theta_ema + (1 - d) theta after every step; samples come from theta_ema."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in model.parameters()]
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for s, p in zip(self.shadow, model.parameters()):
-            s.lerp_(p.detach(), 1 - self.decay)
-
-    def copy_to(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for s, p in zip(self.shadow, model.parameters()):
-                p.copy_(s)
-
-
+# --- training ----------------------------------------------------------------------------------------
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup over 2% of the steps, then cosine decay to 0."""
     warm = max(1, cfg.steps // 50)
@@ -421,7 +306,7 @@ def plot_loss(history: list[dict]):
 
 # --- the run -----------------------------------------------------------------------------------------------
 def run(cfg: Config, ctx) -> dict[str, float]:
-    sched = Schedule.from_config(cfg)
+    sched = Schedule(betas_for(cfg.schedule, cfg.T, cfg.beta_start, cfg.beta_end))
     seeds = [int(s) for s in np.random.SeedSequence(cfg.seed).generate_state(6)]
     data_gen = torch.Generator().manual_seed(seeds[0])
     noise_gen = torch.Generator().manual_seed(seeds[1])
@@ -441,7 +326,7 @@ def run(cfg: Config, ctx) -> dict[str, float]:
         reference = make_data(name, cfg.n_samples, data_gen)
         noise = torch.randn((cfg.n_samples, 2), generator=noise_gen)
         model = train(cfg, sched, data, seeds[4] + k, ctx, name)
-        samples, snaps = sample(model, sched, cfg.n_samples, cfg.sigma, sample_gen, keep)
+        samples, snaps = sample(model, sched, (cfg.n_samples, 2), cfg.sigma, sample_gen, keep)
         reverse_snaps[name] = snaps
         reverse_near[name] = {t: share_near(name, x) for t, x in snaps.items()}
         forward_snaps[name] = {t: reference if t == 0 else
