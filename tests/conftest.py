@@ -24,6 +24,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: torch's default of every core only adds synchronisation on a shared machine.
+    A test file asks for it with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def registry():
     return discover()

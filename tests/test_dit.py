@@ -18,12 +18,7 @@ from pre_train.generation.dit.code.dit import (
 TINY = Config(width=32, depth=2, heads=2, time_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_batch(n: int = 6, seed: int = 0):

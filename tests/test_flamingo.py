@@ -21,13 +21,7 @@ D = 16
 TINY = ModelConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=D, ffn_hidden=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: torch's default of every core only adds synchronisation on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_flamingo(seed: int = 0) -> Flamingo:

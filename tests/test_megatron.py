@@ -29,12 +29,7 @@ TINY = Config(world_size=WORLD, n_embd=16, n_head=4, n_kv_head=2, ffn_hidden=24,
 """small enough for seconds; m = 3 > p = 2 so that GPipe and 1F1B hold different numbers of micro-batches"""
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _guarded(fn, *args):

@@ -26,12 +26,7 @@ NO_LOG = type("NoLog", (), {"log": lambda self, table, **row: None})()
 VOCAB, BLOCK = 64, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, device: str = "cpu", n_embd: int = 32) -> Transformer:
