@@ -1,5 +1,6 @@
-"""Planted bugs (core/planted_bugs.py): every bug a module lists is caught by every check and test it
-names, the contract refuses a bugs.toml that plants nowhere, and the hunter itself reports a survivor."""
+"""Planted bugs (core/planted_bugs.py): every bug a module lists is caught, by its tests or, when it names
+none, by its checks (scripts/plant_bugs.py runs every catcher); the contract refuses a bugs.toml that
+plants nowhere, and the hunter itself reports a survivor."""
 from __future__ import annotations
 
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 from core.contract import BugsError, PlantedBug, parse_bugs
 from core.paths import ROOT
 from core import preloaded
-from core.planted_bugs import hunt
+from core.planted_bugs import hunt, sufficient_catchers
 from core.registry import _validate_bugs, discover
 
 REGISTRY = discover()
@@ -19,7 +20,7 @@ REGISTRY = discover()
 
 def needs_upstream(module, bug) -> bool:
     """A chained module's toy run starts from the toy chain; its test catchers need no upstream."""
-    return bool(module.depends) and any(kind == "check" for kind, _ in bug.catchers())
+    return bool(module.depends) and any(c.startswith("check:") for c in sufficient_catchers(bug))
 
 
 BUGS = [pytest.param(m.name, b.id, id=f"{m.name}/{b.id}", marks=[pytest.mark.toy_chain] if needs_upstream(m, b) else [])
@@ -32,7 +33,7 @@ def test_every_planted_bug_is_caught(module_name, bug_id, request, pretrained_ca
     module = REGISTRY.get(module_name)
     bug = next(b for b in module.bugs if b.id == bug_id)
     upstream = request.getfixturevalue("toy_chain").folder if needs_upstream(module, bug) else None
-    found = hunt(module, bug, upstream)
+    found = hunt(module, bug, upstream, only=sufficient_catchers(bug))  # every catcher: scripts/plant_bugs.py
     survivors = [f"{v.catcher}: {v.detail}" for v in found.verdicts if not v.caught]
     assert not survivors, f"{module_name}/{bug_id} survived:\n" + "\n".join(survivors)
 
@@ -51,6 +52,16 @@ def test_the_hunter_reports_a_survivor_and_a_crash():
         verdicts = hunt(mdp, bug).verdicts
         assert [v.catcher for v in verdicts] == list(catchers)
         assert all(not v.caught and word in v.detail for v in verdicts), verdicts
+    only_the_test = hunt(mdp, bug, only=(test,)).verdicts  # the crashing edit: its test alone runs, and is no catch
+    assert [(v.catcher, v.caught) for v in only_the_test] == [(test, False)]
+
+
+def test_the_suite_proves_each_bug_with_its_tests_else_its_checks():
+    def bug(*catchers):
+        return PlantedBug(id="b", module="m", title="t", file="f", find="x", replace="y", symptom="s", caught_by=catchers)
+    test, other_test = "test:tests/test_x.py::test_a[1]", "test:tests/test_x.py::test_b"
+    assert sufficient_catchers(bug("check:loss", test, "check:acc", other_test)) == (test, other_test)
+    assert sufficient_catchers(bug("check:loss", "check:acc")) == ("check:loss", "check:acc")
 
 
 def test_the_preloaded_launcher_runs_the_copy_with_its_env_and_stops_at_the_timeout(tmp_path):
