@@ -7,6 +7,8 @@
     python run.py --module mdp --toy
     python run.py --module td_learning --set episodes=300 --set alpha=0.3
     python run.py --module gae --preset default --seed 3
+    python run.py --chat [--model grpo] [--prompt TEXT]    # talk to a model your runs trained
+    python run.py --serve [--model grpo] [--port 8000]     # the same model behind an OpenAI-compatible API
 
 Exit status (core/cli.py): 0 every check passed, 1 a check failed, 2 bad input (unknown module,
 key or value out of its range, unreadable file, unwritable work dir), 3 an internal error (a bug: the
@@ -21,6 +23,7 @@ import re
 import sys
 from datetime import datetime, timezone
 
+import torch
 from rich.markup import escape
 from rich.table import Table
 
@@ -59,13 +62,44 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--preset", default=None, help="preset to start from (default: 'default')")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field (repeatable); see --module NAME --help")
-    p.add_argument("--seed", default=None, help="random seed in [0, 2^32-1] (overrides the preset's)")
+    p.add_argument("--seed", default=None,
+                   help="random seed in [0, 2^32-1] (overrides the preset's; with --chat, seeds the sampled replies)")
     p.add_argument("--threads", type=thread_count, default=None,
                    help="torch CPU threads (default: the module's choice, else 1 for --toy and the idle cores "
                         "for other presets)")
+    served = p.add_argument_group("chat and serve: the language models your runs trained "
+                                  "(post_train/systems/inference)")
+    served.add_argument("--chat", action="store_true",
+                        help="chat in the terminal, the reply streamed (/reset starts over, /exit or Ctrl-D leaves)")
+    served.add_argument("--serve", action="store_true",
+                        help="an OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, /v1/completions")
+    served.add_argument("--model", metavar="NAME[:PRESET]",
+                        help="which model (sft, grpo, grpo:toy, ...; default: the newest post-trained one)")
+    served.add_argument("--prompt", metavar="TEXT", help="with --chat: print the answer to one message and exit")
+    served.add_argument("--temperature", metavar="T", type=bounded(float, 0, 2), default=None,
+                        help="with --chat: sampling temperature in [0, 2], 0 = greedy (default 0.7)")
+    served.add_argument("--max-tokens", metavar="N", type=bounded(int, 1, 1_000_000), default=None,
+                        help="with --chat: reply budget in tokens (default 64; the context may leave fewer)")
+    served.add_argument("--host", default=None, help="with --serve: address to listen on (default 127.0.0.1)")
+    served.add_argument("--port", metavar="N", type=bounded(int, 0, 65535), default=None,
+                        help="with --serve: TCP port (default 8000; 0 picks a free one)")
     args = p.parse_args(argv)
     args.parser = p
     return args
+
+
+def bounded(kind: type, low: float, high: float):
+    """An argparse type: a number of `kind` in [low, high], else a one-line usage error."""
+    def parse(raw: str):
+        try:
+            value = kind(raw)
+        except ValueError:
+            expected = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {raw!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a value in [{low}, {high}], got {raw!r}")
+        return value
+    return parse
 
 
 def ago(iso: str) -> str:
@@ -196,6 +230,49 @@ def cmd_run(m: Module, args: argparse.Namespace, state: argparse.Namespace) -> i
     return cli.OK if result.passed else cli.CHECK_FAILED
 
 
+CHAT_FLAGS, SERVE_FLAGS = ("prompt", "temperature", "max_tokens", "seed"), ("host", "port")
+RUN_FLAGS = ("preset", "overrides", "toy")
+
+
+def cmd_chat_or_serve(args: argparse.Namespace) -> int:
+    """--chat / --serve: the model is chosen from the run index (post_train/systems/inference/code/models.py)."""
+    from post_train.systems.inference.code.models import choose_model  # loads only when asked for: --list stays fast
+
+    command = "chat" if args.chat else "serve"
+    others = {"chat": SERVE_FLAGS, "serve": CHAT_FLAGS}[command]
+    misplaced = [flag for flag in (*others, *RUN_FLAGS) if getattr(args, flag) not in (None, False, [])]
+    if args.serve and args.chat or args.module or args.list or args.info or args.progress or misplaced:
+        own = CHAT_FLAGS if args.chat else SERVE_FLAGS
+        raise UserError(f"--{command} runs alone, with its own options: --model, --threads and "
+                        f"{', '.join('--' + f.replace('_', '-') for f in own)} (python run.py --help)")
+    torch.set_num_threads(args.threads or 1)  # small models decode fastest on one thread; the server needs the other
+    servable = choose_model(args.model, say=lambda line: err.print(f"[yellow]{escape(line)}[/]"))
+    if args.serve:
+        from post_train.systems.inference.code.serve import DEFAULT_HOST, DEFAULT_PORT, serve
+        try:
+            serve(servable, args.host or DEFAULT_HOST, DEFAULT_PORT if args.port is None else args.port,
+                  say=lambda text: print(text, flush=True))  # not rich: the curl line must not wrap
+        except KeyboardInterrupt:
+            err.print("server stopped")
+            return cli.INTERRUPTED
+        return cli.OK
+    from post_train.systems.inference.code.chat import ChatSettings, answer_once, chat
+    settings = ChatSettings(seed=None if args.seed is None else chat_seed(args.seed))
+    if args.temperature is not None:
+        settings.temperature = args.temperature
+    if args.max_tokens is not None:
+        settings.max_tokens = args.max_tokens
+    if args.prompt is not None:
+        return answer_once(servable, args.prompt, settings)
+    return chat(servable, settings, err)
+
+
+def chat_seed(raw: str) -> int:
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) > 2**32 - 1:
+        raise UserError(f"--seed: expected a whole number in [0, 2^32-1], got {raw!r}")
+    return int(raw)
+
+
 def main(argv: list[str] | None = None) -> int:
     state = argparse.Namespace(crash_log=cli.crash_log("run")())
     return cli.guard(lambda: _main(sys.argv[1:] if argv is None else argv, state), lambda: state.crash_log,
@@ -209,10 +286,13 @@ def _main(argv: list[str], state: argparse.Namespace) -> int:
     if args.help and not args.module:
         args.parser.print_help()
         return 0
+    if args.chat or args.serve:
+        return cmd_chat_or_serve(args)
     name = args.info or args.module
     if not (name or args.list or args.progress):
         args.parser.print_help()
-        raise UserError("say what to do: --list, --info NAME or --module NAME (see the help above)")
+        raise UserError("say what to do: --list, --info NAME or --module NAME, or --chat / --serve "
+                        "(see the help above)")
     registry = discover()
     if args.list:
         return cmd_list(registry)
