@@ -260,7 +260,7 @@ def test_a_conversation_through_a_terminal(trained, tok, model):
 @pytest.mark.toy_chain
 def test_run_py_chat_answers_with_the_chains_grpo_model(request, workdir):
     request.getfixturevalue("toy_chain").copy_to(workdir)
-    question = "Tom has 3 apples and buys 4 more. How many apples does Tom have?"
+    question = "Tom had 3 apples. He found 4 more. How many apples did he have?"
     result = pexpect.run(f"{sys.executable} run.py --chat --temperature 0 --prompt {json.dumps(question)}", cwd=str(ROOT),
                          env={**os.environ, "FINETUNE_WORKDIR": str(workdir)}, withexitstatus=True, timeout=120,
                          encoding="utf-8")

@@ -376,7 +376,7 @@ def test_run_py_serve_streams_a_chat_completion_of_the_chains_grpo_model(request
         banner = proc.stdout.readline()
         url = re.search(r"at (http://127\.0\.0\.1:\d+/v1)$", banner.strip()).group(1)
         assert banner.startswith("serving grpo (toy run of")
-        question = "Tom has 3 apples and buys 4 more. How many apples does Tom have?"
+        question = "Tom had 3 apples. He found 4 more. How many apples did he have?"
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         deadline = time.monotonic() + WAIT_S
         while True:  # the banner comes once the port is bound; uvicorn accepts a moment later

@@ -576,8 +576,8 @@ def serving_in_thread(app: FastAPI, host: str = DEFAULT_HOST, port: int = 0, sta
 
 
 def usage_lines(url: str, model_id: str) -> str:
-    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Tom has 3 apples and buys 4 more. "
-                                                                                     "How many apples does Tom have?"}],
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Tom had 3 apples. He found 4 more. "
+                                                                                     "How many apples did he have?"}],
                        "stream": True})
     return (f"  curl -N {url}/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
             f"  python: OpenAI(base_url=\"{url}\", api_key=\"unused\").chat.completions.create(model=\"{model_id}\", "
