@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from core.artifacts import UserError
 from core.config import ConfigError, validate
-from core.rl.group_policy import aggregate, group_advantages, k3_kl
+from core.rl.group_policy import aggregate, group_advantages, k3_kl, kl_to_reference
 from post_train.alignment.grpo.code.grpo import Config as GRPOConfig
 from post_train.alignment.grpo.code.grpo import grpo_objective
 from post_train.alignment.gspo.code.gspo import Config as GSPOConfig
@@ -53,6 +53,24 @@ def test_k3_is_nonnegative_zero_at_the_reference_and_unbiased_for_kl():
     x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
     estimate = k3_kl(p.log()[x], q.log()[x]).mean().item()                # samples of p, as in a rollout
     assert estimate == pytest.approx(exact, rel=0.02)
+
+
+def test_kl_to_reference_weights_k3_by_pi_over_pi_old_when_the_samples_are_old():
+    # After an optimizer step the tokens are pi_old's: pi has since made token 0 unlikely, pi_ref still likes it.
+    old = torch.tensor([0.50, 0.30, 0.15, 0.05])
+    pi = torch.tensor([0.001, 0.60, 0.30, 0.099])
+    ref = torch.tensor([0.75, 0.10, 0.10, 0.05])
+    exact = (pi * (pi / ref).log()).sum().item()                          # KL(pi || pi_ref) = 1.47
+    x = torch.multinomial(old, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    logp, old_logp, ref_logp = pi.log()[x][None], old.log()[x][None], ref.log()[x][None]
+    estimate = kl_to_reference(logp, old_logp, ref_logp, torch.ones_like(logp))
+    assert estimate == pytest.approx(exact, rel=0.02)
+    unweighted = k3_kl(logp, ref_logp).mean().item()                    # half the samples score 750 - log 750 - 1 = 742
+    assert unweighted > 100 * exact
+    # on pi's own samples (pi_old = pi) it is plain k3, and the mask keeps padding out
+    logp, ref_logp = torch.tensor([[-1.0, -2.0, -9.0]]), torch.tensor([[-1.5, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert kl_to_reference(logp, logp, ref_logp, mask) == pytest.approx(k3_kl(logp, ref_logp)[:, :2].mean().item())
 
 
 # --- loss aggregation ------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ optimisation loop around the objective.
                 std is the sample std (ddof = 1, as TRL computes it); scale=False drops the division
                 (Dr. GRPO, Liu et al. 2025): a group of equal rewards has A = 0 either way
     KL          k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, an unbiased estimator of
-                KL(pi || pi_ref) under samples of pi (Schulman 2020, "Approximating KL divergence")
+                KL(pi || pi_ref) under samples of pi (Schulman 2020, "Approximating KL divergence");
+                the objectives penalise it as the papers do, the log reports (pi / pi_old) k3, which
+                stays unbiased once the samples are pi_old's and no longer pi's (kl_to_reference)
     loop        per generation batch: old log-probs (no grad) and reference log-probs once, then
                 `iterations` passes (mu) of `minibatches` optimizer steps each, so the importance
                 ratio pi / pi_old moves away from 1 after the first step
@@ -154,6 +156,19 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi."""
     log_ratio = ref_logp - logp
     return torch.exp(log_ratio) - log_ratio - 1
+
+
+def kl_to_reference(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """The mean KL(pi || pi_ref) per response token, estimated from tokens sampled from pi_old:
+        E_{x ~ pi_old}[ pi(x) / pi_old(x) * k3(x) ] = E_{x ~ pi}[ k3(x) ] = KL(pi || pi_ref)    at each position.
+    After the first optimizer step on a rollout its tokens are no longer samples of pi. Unweighted, k3 then
+    scores tokens that pi has since made unlikely, where pi_ref / pi and with it k3 explode: in grpo's default
+    run (step 2, the rollout's last minibatch) one token of 1,605 had gone from pi_old = 0.495 to pi = 1.4e-4
+    (pi_ref = 0.754); its k3 was 5,244 and the minibatch's mean k3 read 4.05 where this weighted mean reads
+    0.003. The weight there is pi / pi_old = 2.9e-4: a token that pi no longer samples no longer counts."""
+    with torch.no_grad():
+        weighted = torch.exp(logp - old_logp) * k3_kl(logp, ref_logp)
+        return float((weighted * mask).sum() / mask.sum().clamp(min=1))
 
 
 def sequence_logprobs(model: Transformer, ids: torch.Tensor, temperature: float) -> torch.Tensor:

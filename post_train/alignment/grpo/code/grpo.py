@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from core.config import Range
-from core.rl.group_policy import GroupPolicyConfig, aggregate, k3_kl, train
+from core.rl.group_policy import GroupPolicyConfig, aggregate, k3_kl, kl_to_reference, train
 
 
 @dataclass
@@ -61,7 +61,8 @@ def grpo_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.T
     with torch.no_grad():
         on = mask.bool()
         was_clipped = (clipped < unclipped)[on]                             # the clip is the active term
-        stats = {"kl": kl[on].mean().item(), "clip_fraction": was_clipped.float().mean().item(),
+        stats = {"kl": kl_to_reference(logp, old_logp, ref_logp, mask),
+                 "clip_fraction": was_clipped.float().mean().item(),
                  "ratio_std": ratio[on].std().item() if on.sum() > 1 else 0.0}
     return loss, stats
 
@@ -76,7 +77,7 @@ def plot(ctx) -> None:
     train_rows, evals = ctx.tables["train"], ctx.tables["eval"]
     steps = [r["step"] for r in train_rows]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    panels = (("reward", "mean reward of the samples"), ("kl", "k3 KL to the sft model"),
+    panels = (("reward", "mean reward of the samples"), ("kl", "KL to the sft model (k3 weighted by pi / pi_old)"),
               ("clip_fraction", "clipped share of tokens"), ("response_length", "response tokens"),
               ("zero_variance_groups", "groups with equal rewards (no gradient)"))
     for ax, (key, title) in zip(axes.flat[1:], panels):

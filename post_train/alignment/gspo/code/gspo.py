@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from core.config import Range
-from core.rl.group_policy import GroupPolicyConfig, k3_kl, train
+from core.rl.group_policy import GroupPolicyConfig, k3_kl, kl_to_reference, train
 from core.run_context import upstream_run
 
 
@@ -60,7 +60,7 @@ def gspo_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.T
     kl_per_sequence = (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
     loss = -(surrogate - cfg.beta * kl_per_sequence).mean()               # 1/G sum_i, no 1/|y_i| outside
     with torch.no_grad():
-        stats = {"kl": float((kl * mask).sum() / mask.sum().clamp(min=1)),
+        stats = {"kl": kl_to_reference(logp, old_logp, ref_logp, mask),
                  "clip_fraction": (clipped < unclipped).float().mean().item(),
                  "ratio_std": ratio.std().item() if len(ratio) > 1 else 0.0}
     return loss, stats
