@@ -369,9 +369,12 @@ def test_a_port_in_use_is_one_line_and_only_loopback_is_quiet():
 @pytest.mark.toy_chain
 def test_run_py_serve_streams_a_chat_completion_of_the_chains_grpo_model(request, workdir):
     request.getfixturevalue("toy_chain").copy_to(workdir)
+    # started with SIGINT ignored, as a shell without job control starts a background job (and as CI may start
+    # this suite): uvicorn still stops on it, and the server must still say so and exit 130
     proc = subprocess.Popen([sys.executable, "run.py", "--serve", "--port", "0"], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "FINETUNE_WORKDIR": str(workdir)})
+                            env={**os.environ, "FINETUNE_WORKDIR": str(workdir)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         banner = proc.stdout.readline()
         url = re.search(r"at (http://127\.0\.0\.1:\d+/v1)$", banner.strip()).group(1)

@@ -38,6 +38,7 @@ import concurrent.futures
 import ipaddress
 import json
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -601,4 +602,9 @@ def serve(servable: ServableModel, host: str, port: int, say: Callable[[str], No
     say(f"serving {servable.name} ({servable.preset} run of {servable.finished_at:%Y-%m-%d %H:%M} UTC, context "
         f"{model.cfg.block_size} tokens) at {url}\n{usage_lines(url, servable.name)}\nCtrl-C stops it.")
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    # uvicorn stops on SIGINT even where the process started with it ignored (a shell without job control
+    # starts background jobs so), then re-raises it into that ignored disposition and returns: the server would
+    # end with exit 0 and no word. With Python's own handler the re-raised SIGINT is the KeyboardInterrupt the
+    # caller reports ("server stopped", exit 130), however the server was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     uvicorn.Server(config).run(sockets=[sock])
