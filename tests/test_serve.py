@@ -311,6 +311,20 @@ def test_a_client_that_leaves_mid_stream_has_its_sequence_aborted(model, tok, qu
     assert ended == {"disconnected": 1} and free == total
 
 
+def test_a_client_that_leaves_before_a_non_streaming_reply_has_its_sequence_aborted(model, tok, questions):
+    """The same gate; the client gives up waiting for the whole reply (a read time-out closes the connection).
+    Starlette does not cancel the handler, so only the server's watch for http.disconnect can abort it."""
+    engine = GatedEngine(model, max_running=4)
+    with serving(engine, tok) as server:
+        engine.opens = lambda e: e.decode_steps < 2 or not server.worker.inbox.empty()
+        body = {**chat_body(questions["length"][3]), "max_tokens": 60}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/chat/completions", json=body, timeout=httpx.Timeout(WAIT_S, read=1.0))
+        wait_until(lambda: sum(server.worker.ended.values()) == 1, "the sequence to end")
+        free, total, ended = server.settled()
+    assert ended == {"disconnected": 1} and free == total
+
+
 def test_a_flood_past_the_queue_limit_gets_429_and_the_server_keeps_answering(model, tok, questions):
     """One running and one waiting sequence fit; the gate holds the first step until all requests arrived."""
     flood = 12

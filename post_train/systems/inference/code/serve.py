@@ -16,8 +16,10 @@ What each choice of the protocol costs here:
 - Backpressure: the engine's waiting queue is bounded (max_waiting); a request that finds it full gets
   HTTP 429 at once, with Retry-After, instead of an ever longer wait that ends in client time-outs (the
   server keeps answering; clients back off and retry).
-- A client that goes away mid-stream has its sequences aborted: their KV blocks return to the pool at
-  the next step instead of being filled with tokens nobody reads.
+- A client that goes away has its sequences aborted, streaming or not: their KV blocks return to the
+  pool at the next step instead of being filled with tokens nobody reads. (Starlette cancels neither
+  kind of handler when the client leaves; a non-streaming one waits for the engine and for the client's
+  `http.disconnect` at once, as Starlette's own streaming response does.)
 - `stop` strings are matched on the decoded text (they may span tokens); the text is cut before the
   first one, the sequence is aborted, and while streaming a tail that could be the start of a stop
   string is held back until it cannot be (chat.ReplyText).
@@ -53,11 +55,13 @@ from typing import Any, Callable, Iterator, Literal
 import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.types import Receive
 
 from core.data.tokenizer import Tokenizer
 from core.errors import UserError
@@ -197,6 +201,10 @@ class Submission:
 
 class EngineStopped(Exception):
     """The engine raised (a bug): every request in flight, and every later one, gets HTTP 500."""
+
+
+class ClientLeft(Exception):
+    """The client of a non-streaming request disconnected before its reply was ready."""
 
 
 def _settle(future: asyncio.Future, outcome: Any) -> None:
@@ -422,6 +430,10 @@ def build_app(engine: Engine, tok: Tokenizer, model_ids: tuple[str, ...], create
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(error_body(str(exc.detail), kind), exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(ClientLeft)
+    async def client_left(_, exc: ClientLeft) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, an access log would
+
     @app.exception_handler(EngineStopped)
     async def engine_stopped(_, exc: EngineStopped) -> JSONResponse:
         return JSONResponse(error_body(f"the engine stopped after an internal error ({exc}); restart the server",
@@ -464,7 +476,12 @@ def build_app(engine: Engine, tok: Tokenizer, model_ids: tuple[str, ...], create
             raise
         return submission
 
-    async def respond(request: SamplingFields, prompt: list[int], prompt_field: str, kind: str):
+    async def disconnected(receive: Receive) -> None:
+        """Returns when the client has gone (the body was read already, so http.disconnect is all that comes)."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def respond(request: SamplingFields, prompt: list[int], prompt_field: str, kind: str, receive: Receive):
         params = sampling(request, prompt, prompt_field)
         submission = await admit(prompt, params, request.n)
         replies = Replies(worker, submission, tok, request.stop_strings)
@@ -476,11 +493,18 @@ def build_app(engine: Engine, tok: Tokenizer, model_ids: tuple[str, ...], create
             return EventSourceResponse(stream(replies, head, kind, with_usage), ping=0,
                                        background=BackgroundTask(replies.close))
         texts = [""] * request.n
+        left = asyncio.create_task(disconnected(receive))
         try:
             while not replies.done:
-                for index, text, _ in await replies.next():
+                step = asyncio.create_task(replies.next())
+                await asyncio.wait((step, left), return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():  # nobody is left to answer: abort (finally) and send nothing
+                    step.cancel()
+                    raise ClientLeft
+                for index, text, _ in step.result():
                     texts[index] += text
         finally:
+            left.cancel()
             replies.close()
         if kind == "chat":
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
@@ -525,15 +549,15 @@ def build_app(engine: Engine, tok: Tokenizer, model_ids: tuple[str, ...], create
                                             "owned_by": "finetune"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest):
+    async def chat_completions(request: ChatRequest, http: Request):
         check_model(request.model)
         turns = [("system" if m.role == "developer" else m.role, m.text) for m in request.messages]
-        return await respond(request, conversation_ids(tok, turns), "messages", "chat")
+        return await respond(request, conversation_ids(tok, turns), "messages", "chat", http.receive)
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
+    async def completions(request: CompletionRequest, http: Request):
         check_model(request.model)
-        return await respond(request, [tok.eos_id, *tok.encode(request.prompt)], "prompt", "text")
+        return await respond(request, [tok.eos_id, *tok.encode(request.prompt)], "prompt", "text", http.receive)
 
     return app
 
