@@ -67,6 +67,7 @@ def test_greedy_paged_continuous_batch_equals_generate_one_prompt_at_a_time(arch
     assert engine.generate(prompts, SamplingParams(max_tokens=20, temperature=0)) == reference(model, prompts, 20)
     assert engine.free_blocks == engine.num_kv_blocks, "a block was not returned"
     assert engine.prefills == len(prompts) and engine.preemptions == 0
+    assert engine.prefill_forwards < engine.prefills, "the prompts admitted in one step share one padded forward"
 
 
 def test_preempted_sequences_are_recomputed_to_the_same_tokens():

@@ -232,7 +232,9 @@ class Engine:
         self.decode_steps = 0
         """batched decode forwards so far (one per step that had running sequences)"""
         self.prefills = 0
-        """prefill forwards so far (one per admitted group; a preempted sequence's recompute counts again)"""
+        """prompts prefilled so far (one per admitted group; a preempted sequence's recompute counts again)"""
+        self.prefill_forwards = 0
+        """prefill forwards so far: the groups admitted in one step share one"""
         self.preemptions = 0
 
     # --- the public API ------------------------------------------------------------------------
@@ -287,8 +289,9 @@ class Engine:
         made: list[tuple[Sequence, int]] = []
         decode_batch, preempted = self._reserve_decode_slots()
         if not preempted:  # vLLM: no admissions in a step that had to preempt (they would thrash)
-            for group in self._admit():
-                self._prefill(group, made)
+            admitted = self._admit()
+            if admitted:
+                self._prefill(admitted, made)
             if self.waiting and not self.running:  # add_request made sure one sequence alone always fits
                 raise RuntimeError(f"{self.num_waiting} sequences wait, none runs, and the next does not fit the "
                                    f"{self.free_blocks} free KV blocks of {self.num_kv_blocks}: blocks were leaked")
@@ -392,36 +395,48 @@ class Engine:
 
     # --- the forward passes --------------------------------------------------------------------
     @torch.no_grad()
-    def _prefill(self, group: list[Sequence], made: list[tuple[Sequence, int]]) -> None:
-        """One forward over the group's tokens (a recomputed sequence: prompt + its outputs) that writes
-        their K/V into the first sequence's blocks; the other samples of the group fork those blocks."""
-        first = group[0]
-        tokens = first.token_ids
-        logits = self._prefill_forward(tokens, first.block_table)
-        self.prefills += 1
-        for seq in group:
-            if seq is not first:
-                seq.block_table = self.blocks.fork(first.block_table)
-            seq.num_cached = len(tokens)
-        for seq in group:
-            self._append_token(seq, self._sample(seq, logits), made)
+    def _prefill(self, groups: list[list[Sequence]], made: list[tuple[Sequence, int]]) -> None:
+        """One forward over the tokens of every group admitted in this step (for a recomputed sequence: prompt +
+        its outputs), which writes their K/V into each group's first sequence's blocks; the other samples of a
+        group fork those blocks."""
+        firsts = [group[0] for group in groups]
+        logits = self._prefill_forward([seq.token_ids for seq in firsts], [seq.block_table for seq in firsts])
+        self.prefills += len(groups)
+        self.prefill_forwards += 1
+        for group, row in zip(groups, logits):
+            first = group[0]
+            for seq in group:
+                if seq is not first:
+                    seq.block_table = self.blocks.fork(first.block_table)
+                seq.num_cached = len(first.token_ids)
+            for seq in group:
+                self._append_token(seq, self._sample(seq, row), made)
 
-    def _prefill_forward(self, tokens: list[int], table: list[int]) -> Tensor:
-        """Logits (vocab,) after the last token. The same operations as Transformer.forward from position 0
-        (so the same numbers); the keys and values go into the sequence's blocks."""
-        model = self.model
-        positions = torch.arange(len(tokens), device=self.cache.k.device)
-        blocks = torch.tensor(table, device=positions.device)[positions // self.kv_block_size]
-        offsets = positions % self.kv_block_size
-        x = model.tok_emb(torch.tensor([tokens], device=positions.device))
+    def _prefill_forward(self, prompts: list[list[int]], tables: list[list[int]]) -> Tensor:
+        """Logits (P, vocab) after the last token of each prompt. The prompts are right-padded to the longest:
+        under causal attention a prompt's own positions never see its padding, so each row is computed as
+        Transformer.forward computes it alone from position 0 (tests/test_inference.py: equal tokens), and only
+        the real positions' keys and values are written, into the prompt's blocks."""
+        model, device = self.model, self.cache.k.device
+        lengths = torch.tensor([len(tokens) for tokens in prompts], device=device)
+        ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+        for row, tokens in enumerate(prompts):
+            ids[row, :len(tokens)] = torch.tensor(tokens, device=device)
+        rows, positions = (torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]).nonzero(as_tuple=True)
+        block_size = self.kv_block_size
+        blocks = torch.tensor([tables[r][p // block_size] for r, p in zip(rows.tolist(), positions.tolist())],
+                              device=device)
+        offsets = positions % block_size
+        x = model.tok_emb(ids)
         for layer, block in enumerate(model.blocks):
             attn = block.attn
-            q, k, v = attn.project_qkv(block.attn_norm(x), None, 0)  # RoPE at positions 0 .. T - 1
-            self.cache.write(layer, blocks, offsets, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            q, k, v = attn.project_qkv(block.attn_norm(x), None, 0)  # RoPE at positions 0 .. T - 1, every row
+            real_k, real_v = k.transpose(1, 2)[rows, positions], v.transpose(1, 2)[rows, positions]  # (N, H_kv, hd)
+            self.cache.write(layer, blocks, offsets, real_k, real_v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=attn.n_kv_head != attn.n_head)
             x = x + attn.merge_heads(y)
             x = x + block.ffn(block.ffn_norm(x))
-        return model.lm_head(model.norm(x))[0, -1]
+        return model.lm_head(model.norm(x[torch.arange(len(prompts), device=device), lengths - 1]))
 
     @torch.no_grad()
     def _decode_forward(self, batch: list[Sequence]) -> Tensor:
