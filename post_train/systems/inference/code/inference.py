@@ -216,6 +216,8 @@ class EngineRun:
     """blocks not back in the free list once every request finished"""
     seconds: float
     """wall time inside Engine.step"""
+    prefill_forwards: int
+    """prefill forwards (the requests admitted in one step share one)"""
 
 
 def greedy(request: Request, stop_id: int) -> SamplingParams:
@@ -236,7 +238,7 @@ def run_engine(model: Transformer, requests: list[Request], stop_id: int, kv_blo
         slots, tokens = engine.kv_slots()
         allocated, filled, running = allocated + slots, filled + tokens, running + engine.num_running
     return EngineRun([s.output_ids for s in sequences], engine.decode_steps, allocated, filled, running,
-                     engine.num_kv_blocks - engine.free_blocks, seconds)
+                     engine.num_kv_blocks - engine.free_blocks, seconds, engine.prefill_forwards)
 
 
 def cached_lengths(requests: list[Request], outputs: list[list[int]]):
@@ -347,6 +349,7 @@ def measure_engine(model: Transformer, requests: list[Request], tok: Tokenizer, 
         static_out, static_steps, static_s = static_runs[c]
         useful = sum(len(o) for o in run.outputs)
         ctx.log("concurrency", max_running=c, continuous_decode_steps=run.decode_steps, static_decode_steps=static_steps,
+                continuous_prefill_forwards=run.prefill_forwards,
                 continuous_tokens_per_s=useful / run.seconds, static_tokens_per_s=useful / static_s,
                 static_mismatches=token_mismatches(static_out, expected))
         if c == cfg.max_running:
