@@ -11,10 +11,11 @@ import torch
 
 from core.nn.shape_lm import answer_accuracy, encode_examples, load_shape_lm, question_prompt
 from core.nn.vision import load_vision_encoder
-from pre_train.vlm.llava.code.llava import (CAPTION_PROMPT, Config, answer_loss, answers_right, by_kind,
-                                            colour_ranks, load_split, make_projector, max_changes,
-                                            probe_heldout_shapes, question_kind, say_about, snapshot,
-                                            stage_parameters, train_stage, visual_tokens)
+from core.data.shapes import COLOURS, SIDES
+from pre_train.vlm.llava.code.llava import (CAPTION_PROMPT, Config, answer_groups, answer_loss, answers_right,
+                                            by_kind, colour_ranks, load_split, make_projector, max_changes,
+                                            probe_heldout_shapes, question_kind, question_only_bias, say_about,
+                                            snapshot, stage_parameters, train_stage, visual_tokens)
 
 N, D = 64, 64  # patches of the shared encoder, width of the encoder and the decoder
 
@@ -90,6 +91,39 @@ def test_the_loss_counts_the_answer_tokens_and_eos_only(parts):
     assert len(picked) == 2 + 8                                       # "left" <eos>; 7 caption words <eos>
     by_hand = -torch.stack(picked).mean()
     torch.testing.assert_close(answer_loss(lm, visual, batch), by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_the_product_of_experts_adds_the_question_only_log_probs_over_the_answer_group(parts):
+    """Clark et al.'s product of experts, by hand: at the position that predicts the answer word, LLaVA's logits plus
+    w log p_q, p_q renormalised over the answer's word group (the five colours, the two sides), 0 for every other
+    token and position; the loss is then the cross-entropy of that sum. Weight 0 is LLaVA's plain loss."""
+    tok, lm, _ = parts
+    torch.manual_seed(1)
+    question_only = type(lm)(lm.cfg)                                  # any other decoder will do for the identity
+    batch = encode_examples(tok, [question_prompt("what colour is the circle?"), question_prompt("where is the red "
+                                                                                                 "square?")],
+                            ["red", "left"])
+    groups, w = answer_groups(tok), 0.7
+    bias = question_only_bias(question_only, batch, groups, w)
+    first = [int(batch.loss_mask[r].nonzero()[0]) for r in range(2)]
+    for r, words in ((0, COLOURS), (1, SIDES)):
+        ids = torch.tensor([tok.encode(" " + word)[0] for word in words])
+        with torch.no_grad():
+            z = question_only(batch.ids)[r, first[r], ids]
+        expected = torch.zeros(lm.cfg.vocab_size)
+        expected[ids] = w * (z - torch.logsumexp(z, 0))
+        torch.testing.assert_close(bias[r], expected)
+    visual = torch.randn(2, N, D)
+    with torch.no_grad():
+        logits = lm(batch.ids, prefix=visual)
+    picked = []
+    for r in range(2):
+        for j in batch.loss_mask[r].nonzero().flatten().tolist():
+            row = logits[r, j] + (bias[r] if j == first[r] else 0)
+            picked.append(torch.log_softmax(row, -1)[batch.targets[r, j]])
+    torch.testing.assert_close(answer_loss(lm, visual, batch, bias), -torch.stack(picked).mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(answer_loss(lm, visual, batch, question_only_bias(question_only, batch, groups, 0.0)),
+                               answer_loss(lm, visual, batch), rtol=1e-5, atol=1e-5)
 
 
 def test_stage_one_trains_the_projector_alone_bit_for_bit(parts):

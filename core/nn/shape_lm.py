@@ -12,6 +12,11 @@ It learns the formats and the priors (which words answer which question, how oft
 image: on a question about a scene it can do no better than the most frequent answer, so its
 exact-match accuracy is the text-only baseline a vision-language model must beat.
 
+What it has read is a choice (ShapeLMConfig.pretrain_split): the training split's text alone, so it has
+never read of a held-out colour-kind pair (the default, blip2 and flamingo), or every pair's text, as an
+LLM pretrained on the web has read of red triangles while no image of one need be in a VLM's own
+training data (llava). Either way no image of a held-out pair reaches what a VLM trains.
+
     tok, lm = load_shape_lm()                       # pretrained on first use (seconds), then cached
     vqa = vqa_set(500, "heldout", seed=1)           # images, and questions about them
     batch = encode_examples(tok, [question_prompt(q)], [a])
@@ -56,7 +61,9 @@ class ShapeLMConfig:
     block_size: int = 128
     """longest sequence: 64 image tokens (LLaVA's prefix) + the longest caption fit"""
     pretrain_scenes: int = 2000
-    """training-split scenes whose captions and questions make the text corpus"""
+    """scenes whose captions and questions make the text corpus"""
+    pretrain_split: Split = "train"
+    """the scenes' split: "train" (no held-out colour-kind pair in the text) or "pretrain" (every pair)"""
     pretrain_steps: int = 400
     """AdamW steps of pretraining"""
     batch: int = 64
@@ -163,8 +170,13 @@ def prior_accuracy(train: Sequence[tuple[str, str]], test: Sequence[tuple[str, s
                for q, a in test) / len(test)
 
 
+def pretraining_text(cfg: ShapeLMConfig) -> tuple[list[str], list[str]]:
+    """(prompts, targets): the documents the decoder is pretrained on."""
+    return corpus(make_scenes(cfg.pretrain_scenes, cfg.pretrain_split, cfg.seed))
+
+
 def pretrain(cfg: ShapeLMConfig) -> tuple[Tokenizer, Transformer]:
-    prompts, targets = corpus(make_scenes(cfg.pretrain_scenes, "train", cfg.seed))
+    prompts, targets = pretraining_text(cfg)
     tok = Tokenizer(train_sentencepiece([f"{p} {t}" for p, t in zip(prompts, targets)], cfg.vocab_size))
     torch.manual_seed(cfg.seed)
     lm = Transformer(model_config(cfg))
@@ -172,14 +184,19 @@ def pretrain(cfg: ShapeLMConfig) -> tuple[Tokenizer, Transformer]:
     order = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.pretrain_steps):
         pick = torch.randint(0, len(prompts), (cfg.batch,), generator=order).tolist()
-        batch = encode_examples(tok, [prompts[i] for i in pick], [targets[i] for i in pick])
-        # every token of the document is a target here (prompts are text to be modelled too), padding not
-        real = batch.targets != tok.pad_id
-        loss = linear_cross_entropy(lm.hidden(batch.ids)[real], lm.lm_head.weight, batch.targets[real])
+        loss = document_loss(tok, lm, [prompts[i] for i in pick], [targets[i] for i in pick])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return tok, lm.eval()
+
+
+def document_loss(tok: Tokenizer, lm: Transformer, prompts: Sequence[str], targets: Sequence[str]) -> Tensor:
+    """Language-modelling cross-entropy of whole documents "<bos> prompt target <eos>": every token is a
+    target here (the prompt is text to be modelled too), padding not."""
+    batch = encode_examples(tok, prompts, targets)
+    real = batch.targets != tok.pad_id
+    return linear_cross_entropy(lm.hidden(batch.ids)[real], lm.lm_head.weight, batch.targets[real])
 
 
 def model_config(cfg: ShapeLMConfig) -> ModelConfig:

@@ -14,15 +14,17 @@ MODULE = Module(
     name="llava",
     category="vlm",
     title="LLaVA: a projector turns frozen ViT patches into visual tokens before the text, trained in two stages",
-    summary="Liu et al.'s LLaVA with LLaVA-1.5's 2-layer GELU MLP projector on the shape world: the frozen ViT's 64 "
-            "patch features become 64 visual tokens placed before the text of the shape-world decoder; stage 1 trains "
-            "the projector alone on captions (encoder and decoder bit-identical), stage 2 the projector and the "
-            "decoder on questions; measured on colour-kind pairs no training image showed, against the same decoder "
-            "fine-tuned on the same questions without the image.",
+    summary="Liu et al.'s LLaVA on the shape world: the frozen ViT's 64 patch features become 64 visual tokens (LLaVA-1's "
+            "linear projector; LLaVA-1.5's 2-layer GELU MLP by --set) placed before the text of the shape-world "
+            "decoder; stage 1 trains the projector alone on captions (encoder and decoder bit-identical), stage 2 the "
+            "projector and the decoder on questions, with text-only replay and a product of experts with the "
+            "question-only model; measured on colour-kind pairs no training image showed, against the same decoder "
+            "fine-tuned on the same questions without the image and against LLaVA's plain loss.",
     interview_weight=4,
     interview_outcome="Draw LLaVA's pipeline (ViT patches -> projector -> visual tokens -> LLM), say what each of the "
                       "two stages trains and why, write the loss on the answer tokens only, and explain from your run "
-                      "why a VLM answers with the language prior on a combination it never saw.",
+                      "why a VLM answers with the training prior on a combination it never saw, and how a product of "
+                      "experts with a question-only model removes it.",
     presets={
         "toy": Config(train_scenes=1000, stage1_steps=100, stage2_steps=200, batch_size=32, eval_scenes=100,
                       eval_every=100, log_every=10, n_examples=3),
@@ -32,7 +34,8 @@ MODULE = Module(
     threads=1,  # width-64 layers: one thread, so the numbers do not depend on the core count
     metrics={
         "heldout_accuracy": "LLaVA's exact match on vqa_set(eval_scenes, 'heldout', eval_seed): every question is "
-                            "about a colour-kind pair that no training scene or text contains",
+                            "about a colour-kind pair that no image LLaVA trains on shows (its decoder has read of "
+                            "every pair, as an LLM has)",
         "train_accuracy": "LLaVA's exact match on vqa_set(eval_scenes, 'train', eval_seed): unseen scenes of seen "
                           "pairs",
         "text_only_accuracy": "held-out exact match of the frozen pretrained decoder, no image given",
@@ -41,7 +44,7 @@ MODULE = Module(
         "prior_accuracy": "held-out exact match of answering with the most frequent training answer of the question "
                           "(or of its kind): chance for a model blind to the image",
         "text_only_finetuned_accuracy": "held-out exact match of the decoder fine-tuned like stage 2 (same questions, "
-                                        "batches, steps and learning rate) without the image: the strong baseline",
+                                        "batches, steps and learning rate) without the image: the strong baseline, and stage 2's question-only model",
         "text_only_finetuned_train_accuracy": "the same on the fresh training-split questions",
         "shuffled_image_accuracy": "LLaVA's exact match on the held-out questions, each asked about the next "
                                    "scene's image (the control: the answers must come from the image)",
@@ -62,8 +65,9 @@ MODULE = Module(
         "stage1_frozen_max_change": "largest |change| of any encoder or decoder tensor over stage 1 (exactly 0)",
         "stage1_projector_min_change": "over stage 1, the smallest of the projector tensors' largest |change| "
                                        "(above 0: every projector tensor trained)",
-        "ablation_heldout_accuracy": "held-out exact match of the ablation (config `ablation`: stage 2 without "
-                                     "stage 1, or the other projector)",
+        "ablation_heldout_accuracy": "held-out exact match of the ablation (config `ablation`: LLaVA's plain loss "
+                                     "without the question-only model, stage 2 without stage 1, or the other "
+                                     "projector)",
         "ablation_train_accuracy": "the ablation's exact match on the fresh training-split questions",
         "stage1_final_loss": "stage 1 caption cross-entropy, mean over the last logging window",
         "stage2_final_loss": "stage 2 answer cross-entropy, mean over the last logging window",
@@ -81,11 +85,10 @@ MODULE = Module(
               why="stage 1 trains the projector alone: every encoder and decoder weight is bit-identical after it"),
         Check("stage1_projector_min_change", ">", 0,
               why="and every projector tensor did train in stage 1"),
-        Check("caption_word_gain", ">=", 0.03, presets=("default",),
-              why="after stage 1 the frozen decoder names more of the image's attributes with the projected image "
-                  "than from its text prior alone"),
         Check("train_accuracy", ">=", 0.95, presets=("default",),
               why="after stage 2 the questions about seen colour-kind pairs are answered almost always"),
+        Check("heldout_accuracy", ">=", 0.95, presets=("default",),
+              why="questions about colour-kind pairs no training image showed are answered almost always too"),
         Check("heldout_over_baseline", ">=", 0.08, presets=("toy",),
               why="held-out questions answered better than by the text-only fine-tuned decoder and the prior (toy)"),
         Check("heldout_over_baseline", ">=", 0.25, presets=("default",),
