@@ -150,6 +150,19 @@ def test_stage_two_trains_the_projector_and_the_decoder_but_not_the_encoder(part
     assert min(max_changes(lm_before, lm)) > 0                        # every decoder tensor trained
 
 
+def test_stage_two_moves_the_projector_at_its_own_learning_rate(parts):
+    """Adam's first step moves each weight by lr * g / (|g| + eps), about lr for any weight with a gradient: after one
+    stage-2 step (no warmup) the projector's largest change is stage2_projector_lr, the decoder's stage2_lr."""
+    tok, lm, encoder = parts
+    data = load_split(encoder, 20, "train", seed=0)
+    projector = make_projector("mlp", D, D)
+    lm_before, projector_before = snapshot(lm), snapshot(projector)
+    cfg = Config(stage2_steps=1, batch_size=8, warmup_steps=0, stage2_lr=2e-3, stage2_projector_lr=1e-5)
+    train_stage(2, tok, lm, projector, data, cfg, Ctx(), "stage 2")
+    assert max(max_changes(projector_before, projector)) == pytest.approx(1e-5, rel=1e-3)
+    assert max(max_changes(lm_before, lm)) == pytest.approx(2e-3, rel=1e-3)
+
+
 def test_a_short_stage_two_learns_to_read_the_image(parts):
     """After 150 steps on 200 scenes the answers depend on the image: lower loss with each scene's own image
     than with another scene's, and 'how many shapes are there?' (one or two: chance without the image)

@@ -14,10 +14,10 @@ MODULE = Module(
     name="llava",
     category="vlm",
     title="LLaVA: a projector turns frozen ViT patches into visual tokens before the text, trained in two stages",
-    summary="Liu et al.'s LLaVA on the shape world: the frozen ViT's 64 patch features become 64 visual tokens (LLaVA-1's "
-            "linear projector; LLaVA-1.5's 2-layer GELU MLP by --set) placed before the text of the shape-world "
-            "decoder; stage 1 trains the projector alone on captions (encoder and decoder bit-identical), stage 2 the "
-            "projector and the decoder on questions, with text-only replay and a product of experts with the "
+    summary="Liu et al.'s LLaVA on the shape world: the frozen ViT's 64 patch features become 64 visual tokens (LLaVA-1.5's "
+            "2-layer GELU MLP projector) placed before the text of the shape-world decoder; stage 1 trains the "
+            "projector alone on captions (encoder and decoder bit-identical), stage 2 the projector (at a tenth of the "
+            "decoder's learning rate) and the decoder on questions, with text-only replay and a product of experts with the "
             "question-only model; measured on colour-kind pairs no training image showed, against the same decoder "
             "fine-tuned on the same questions without the image and against LLaVA's plain loss.",
     interview_weight=4,
