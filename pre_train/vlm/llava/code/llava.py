@@ -23,8 +23,9 @@ Two additions to stage 2, each measured against its absence (the ablation):
     and it learns it (held-out colour 0.01 in the recording before these, a prior the image could not overturn);
     with the prior already in p_q, LLaVA gains nothing by learning it and learns to read the colour instead.
 
-Here the "LLM" is core/nn/shape_lm.py's 2-block decoder, pretrained on the shape world's text alone and
-shared with the blip2 and flamingo modules; without an image it is the text-only baseline.
+Here the "LLM" is core/nn/shape_lm.py's 2-block decoder, pretrained on the shape world's text (every colour-kind
+pair's, DECODER below; blip2 and flamingo read the one pretrained on the training pairs' text); without an image it
+is the text-only baseline.
 
 Engineering choices, each with its reason:
   - The frozen encoder's features are computed once per image before training: nothing upstream of them
@@ -62,7 +63,7 @@ DECODER = ShapeLMConfig(pretrain_split="pretrain")
 """the shared shape-world decoder, pretrained on every colour-kind pair's text (an LLM has read of red triangles);
 the held-out pairs stay unseen by every image LLaVA trains on"""
 ENCODER = VisionConfig(pretrain_steps=1000)
-"""the shared ViT, pretrained to convergence: at the shared 300 steps it names the kind of a small shape (3 pixels of
+"""the shared ViT's architecture and objective, pretrained to convergence: at the shared 300 steps it names the kind of a small shape (3 pixels of
 radius) right 0.945 of the time, 1.0 at 1000, and a decoder that cannot read the kind learns to guess it from the
 colour, which fails on exactly the held-out pairs"""
 ANSWER_WORDS = (tuple(COLOURS), KINDS, SIDES, tuple(SIZES), ("one", "two"))
@@ -351,7 +352,7 @@ def colour_ranks(tok, lm: Transformer, projector: nn.Module, data: Split) -> Ten
     batch = encode_examples(tok, [question_prompt(data.vqa.questions[i]) for i in rows],
                             [data.vqa.answers[i] for i in rows])
     logits = lm(batch.ids, prefix=visual_tokens(projector, data.features[data.vqa.image_index[rows]]))
-    first = batch.loss_mask.int().argmax(dim=1)  # the first target position: it predicts the answer word
+    first = first_answer_position(batch)
     colour_ids = torch.tensor([tok.encode(" " + c)[0] for c in COLOURS])
     scores = logits[torch.arange(len(rows)), first][:, colour_ids]
     true = torch.tensor([list(COLOURS).index(data.vqa.answers[i]) for i in rows])
