@@ -59,6 +59,21 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     return path
 
 
+def copy_shipped(weights: Path) -> bool:
+    """Fill a pretrained model's cache folder (weights.parent) from its shipped copy, the folder of the same name
+    under SHIPPED_PRETRAINED (core/paths.py), if one ships; the weights file is written last, since its presence
+    is what marks the folder complete. True if it did."""
+    from core.paths import SHIPPED_PRETRAINED
+
+    shipped = SHIPPED_PRETRAINED / weights.parent.name
+    if not (shipped / weights.name).is_file():
+        return False
+    for source in sorted(shipped.iterdir(), key=lambda f: f.name == weights.name):
+        data = source.read_bytes()
+        atomic_write(weights.parent / source.name, lambda f: f.write(data))
+    return True
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 

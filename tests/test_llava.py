@@ -13,7 +13,7 @@ from core.nn.shape_lm import answer_accuracy, encode_examples, load_shape_lm, qu
 from core.nn.vision import load_vision_encoder
 from core.data.shapes import COLOURS, SIDES
 from pre_train.vlm.llava.code.llava import (CAPTION_PROMPT, Config, answer_groups, answer_loss, answers_right,
-                                            by_kind, colour_ranks, load_split, make_projector, max_changes,
+                                            by_kind, colour_by_shape_count, colour_ranks, load_split, make_projector, max_changes,
                                             probe_heldout_shapes, question_kind, question_only_bias, say_about,
                                             snapshot, stage_parameters, train_stage, visual_tokens)
 
@@ -196,6 +196,19 @@ def test_a_short_stage_two_learns_to_read_the_image(parts):
     assert ranks.min() >= 1 and ranks.max() <= 5 and len(ranks) == len(colours)
     assert all(rank == 1 for rank, j in zip(ranks.tolist(), colours) if right[j])
     assert not any(right[j] for rank, j in zip(ranks.tolist(), colours) if rank > 1)
+
+
+def test_colour_accuracy_is_split_by_how_many_shapes_the_scene_has(parts):
+    _, _, encoder = parts
+    data = load_split(encoder, 30, "heldout", seed=1)
+    shapes = torch.tensor([len(data.scenes[i].shapes) for i in data.vqa.image_index.tolist()])
+    assert colour_by_shape_count(data, shapes == 2) == {1: 0.0, 2: 1.0}
+    right = torch.rand(len(shapes), generator=torch.Generator().manual_seed(0)) < 0.5
+    for n in (1, 2):  # the same share, counted scene by scene
+        hits = [bool(right[j]) for i, scene in enumerate(data.scenes) if len(scene.shapes) == n
+                for j in (data.vqa.image_index == i).nonzero().flatten().tolist()
+                if data.vqa.questions[j].startswith("what colour")]
+        assert len(hits) > 3 and colour_by_shape_count(data, right)[n] == pytest.approx(sum(hits) / len(hits))
 
 
 def test_the_probe_reads_a_held_out_shapes_colour_from_the_frozen_features(parts):

@@ -17,7 +17,7 @@ never read of a held-out colour-kind pair (the default, blip2 and flamingo), or 
 LLM pretrained on the web has read of red triangles while no image of one need be in a VLM's own
 training data (llava). Either way no image of a held-out pair reaches what a VLM trains.
 
-    tok, lm = load_shape_lm()                       # pretrained on first use (seconds), then cached
+    tok, lm = load_shape_lm()                       # the shipped copy, or pretrained on first use; then cached
     vqa = vqa_set(500, "heldout", seed=1)           # images, and questions about them
     batch = encode_examples(tok, [question_prompt(q)], [a])
     logits = lm(batch.ids, prefix=image_tokens)     # image_tokens (B, P, 64), or no prefix
@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from core.artifacts import UserError, atomic_write, atomic_write_text
+from core.artifacts import UserError, atomic_write, atomic_write_text, copy_shipped
 from core.data.shapes import Scene, Split, caption, held_out_shape, make_scenes, qa_pairs, render_batch
 from core.data.tokenizer import Tokenizer, train_sentencepiece
 from core.nn.loss import linear_cross_entropy
@@ -219,14 +219,15 @@ def cache_dir(cfg: ShapeLMConfig):
 
 def load_shape_lm(cfg: ShapeLMConfig = ShapeLMConfig(),
                   say: Callable[[str], None] = print) -> tuple[Tokenizer, Transformer]:
-    """The tokenizer and the decoder pretrained with `cfg`, from the cache; trained now (and `say` so)
-    if absent. The decoder comes back frozen (requires_grad off, eval mode)."""
+    """The tokenizer and the decoder pretrained with `cfg`, from the cache, filled from the shipped copy if there is
+    one (core/paths.py SHIPPED_PRETRAINED), else trained now (and `say` so). The decoder comes back frozen
+    (requires_grad off, eval mode)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save
 
     folder = cache_dir(cfg)
     weights = folder / "decoder.safetensors"
-    if not weights.exists():
+    if not weights.exists() and not copy_shipped(weights):
         say(f"no pretrained shape-world language model for this config; pretraining one on the text of "
             f"{cfg.pretrain_scenes} scenes ({cfg.pretrain_steps} steps) -> {folder}")
         tok, lm = pretrain(cfg)

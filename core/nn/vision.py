@@ -16,7 +16,7 @@ only about half the time (0.51; colour 0.99, size 0.98). The held-out pairs stay
 vision-language modules train (projector, Q-Former, cross-attention, decoder), so their held-out
 questions still measure composition on the language side.
 
-    encoder = load_vision_encoder()     # trained on first use (seconds), then read from the cache
+    encoder = load_vision_encoder()     # the shipped copy, or trained on first use (seconds); then the cache
     feats = encoder(images)             # (B, 64, d)
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.artifacts import UserError, atomic_write, atomic_write_text
+from core.artifacts import UserError, atomic_write, atomic_write_text, copy_shipped
 from core.data.shapes import COLOURS, IMAGE_SIZE, KINDS, SIDES, SIZES, Scene, make_scenes, render_batch
 from core.paths import pretrained_cache
 
@@ -164,14 +164,15 @@ def cache_dir(cfg: VisionConfig):
 
 
 def load_vision_encoder(cfg: VisionConfig = VisionConfig(), say: Callable[[str], None] = print) -> VisionEncoder:
-    """The encoder pretrained with `cfg`, from the cache; trained now (and `say` so) if absent. It
-    comes back frozen (requires_grad off, eval mode): the modules that read it train around it."""
+    """The encoder pretrained with `cfg`, from the cache, filled from the shipped copy if there is one (core/paths.py
+    SHIPPED_PRETRAINED), else trained now (and `say` so). It comes back frozen (requires_grad off, eval mode):
+    the modules that read it train around it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save
 
     folder = cache_dir(cfg)
     weights = folder / "encoder.safetensors"
-    if not weights.exists():
+    if not weights.exists() and not copy_shipped(weights):
         say(f"no pretrained vision encoder for this config; pretraining one on {cfg.pretrain_scenes} shape "
             f"scenes ({cfg.pretrain_steps} steps) -> {folder}")
         encoder, heads = pretrain(cfg)

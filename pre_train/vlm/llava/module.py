@@ -52,6 +52,10 @@ MODULE = Module(
            for opening, kind in QUESTION_KINDS.items()},
         "heldout_colour_top2": "share of the held-out 'what colour' questions whose true colour is among the two "
                                "colour words LLaVA scores highest at the answer position (chance 0.4)",
+        "heldout_colour_one_shape": "held-out exact match of the 'what colour' questions about one-shape scenes (the "
+                                    "only colour the image shows is the answer)",
+        "heldout_colour_two_shapes": "the same about two-shape scenes (the image shows two colours: the answer is the "
+                                     "one of the shape the question names)",
         "probe_heldout_colour": "a linear probe of the frozen encoder's features (per image half), trained on the "
                                 "training split, naming the colour of each held-out scene's held-out shape",
         "probe_heldout_kind": "the same probe naming the held-out shape's kind",

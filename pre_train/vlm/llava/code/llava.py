@@ -392,6 +392,14 @@ def by_kind(questions: list[str], right: Tensor) -> dict[str, float]:
     return {k: right[[i for i, x in enumerate(kinds) if x == k]].float().mean().item() for k in QUESTION_KINDS.values()}
 
 
+def colour_by_shape_count(data: Split, right: Tensor) -> dict[int, float]:
+    """Exact match of the "what colour" questions, by how many shapes their scene has (1 or 2). With one shape,
+    any colour the image shows is the answer; with two, the model must tell which shape the question names."""
+    rows = {n: [i for i, q in enumerate(data.vqa.questions) if question_kind(q) == "colour"
+                and len(data.scenes[data.vqa.image_index[i]].shapes) == n] for n in (1, 2)}
+    return {n: right[r].float().mean().item() for n, r in rows.items()}
+
+
 def snapshot(*modules: nn.Module) -> list[Tensor]:
     return [p.detach().clone() for m in modules for p in m.state_dict().values()]
 
@@ -516,6 +524,7 @@ def run(cfg: Config, ctx) -> dict[str, float]:
     # why the colour of a held-out pair fails: is the true colour the runner-up, and do the features hold it?
     colour_top2 = (colour_ranks(tok, lm, projector, heldout) <= 2).float().mean().item()
     probe = probe_heldout_shapes(train, heldout, cfg.seed)
+    colour_by_count = colour_by_shape_count(heldout, right_heldout)
 
     # the ablation: LLaVA's plain loss, stage 2 without stage 1, or the whole recipe with the other projector
     _, ablation_lm = load_shape_lm(DECODER, say=say)
@@ -563,6 +572,8 @@ def run(cfg: Config, ctx) -> dict[str, float]:
         "shuffled_image_accuracy": right_shuffled.float().mean().item(),
         **{f"heldout_{k}": v for k, v in kinds["heldout"].items()},
         "heldout_colour_top2": colour_top2,
+        "heldout_colour_one_shape": colour_by_count[1],
+        "heldout_colour_two_shapes": colour_by_count[2],
         "probe_heldout_colour": probe["colour"],
         "probe_heldout_kind": probe["kind"],
         **{f"caption_{name}": getattr(captions, field) for name, field in CAPTION_METRICS.items()},
@@ -586,7 +597,8 @@ def run(cfg: Config, ctx) -> dict[str, float]:
         f"the frozen decoder {text_only:.3f}, prior {prior:.3f}, the same questions about another scene's image "
         f"{metrics['shuffled_image_accuracy']:.3f}; fresh training-split scenes {metrics['train_accuracy']:.3f} "
         f"(text only, fine-tuned {metrics['text_only_finetuned_train_accuracy']:.3f})")
-    say(f"held-out colour questions: the true colour is among the model's two likeliest colours in {colour_top2:.3f} "
+    say(f"held-out colour questions: {colour_by_count[1]:.3f} right in one-shape scenes, {colour_by_count[2]:.3f} in "
+        f"two-shape scenes; the true colour is among the model's two likeliest colours in {colour_top2:.3f} "
         f"of them; a linear probe of the frozen features names the held-out shape's colour {probe['colour']:.3f}, its "
         f"kind {probe['kind']:.3f}")
     say(f"ablation, {ablation_name}: held-out accuracy {ablation_heldout:.3f}, training split {ablation_train:.3f}")
