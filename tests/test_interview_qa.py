@@ -77,6 +77,16 @@ def test_every_module_bank_has_7_questions_over_all_levels(name, registry):
     assert all(q.key_points and q.answer.strip() for q in questions)
 
 
+@pytest.mark.parametrize("name", MODULES)
+def test_every_model_answer_makes_its_own_claims_in_both_languages(name, registry):
+    """A learner who answers as the bank's model answer does gets full marks, in English and in Chinese
+    (scripts/grade_bank.py lists what a failing question misses)."""
+    from scripts.grade_bank import complete, report
+
+    failing = {r["id"]: r for r in map(report, load_bank(registry.get(name))) if not complete(r)}
+    assert not failing, f"python scripts/grade_bank.py --module {name}: {sorted(failing)}"
+
+
 # --- scheduling ----------------------------------------------------------------------------------------
 
 def test_good_moves_due_into_the_future_and_again_keeps_it_sooner(tmp_path, bank):
