@@ -74,6 +74,21 @@ def copy_shipped(weights: Path) -> bool:
     return True
 
 
+def unreadable_pretrained(weights: Path, what: str, exc: Exception) -> UserError:
+    """The error for a pretrained model's weights that do not load. Deleting the cached file pretrains again, or
+    copies the shipped file again (copy_shipped): if the cached file is the shipped one, it is the shipped file
+    that is damaged, and the error names it."""
+    from core.paths import SHIPPED_PRETRAINED
+
+    shipped, damaged = SHIPPED_PRETRAINED / weights.parent.name / weights.name, False
+    with contextlib.suppress(OSError):
+        damaged = shipped.read_bytes() == weights.read_bytes()
+    if damaged:
+        return UserError(f"{shipped}: not a readable {what} ({exc}); restore it from the repository "
+                         f"(git checkout -- {shipped}), then delete {weights}")
+    return UserError(f"{weights}: not a readable {what} ({exc}); delete it to pretrain again")
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 

@@ -23,6 +23,7 @@ from learning.grader import Grade, grade_question, readable_claim, suggested_rat
 from learning.progress_db import ProgressDB, ProgressDBError
 from learning.questions import all_questions, load_bank
 from scripts import interview_qa
+from scripts.grade_bank import complete, report
 
 T0 = datetime(2030, 6, 15, 12, 0, tzinfo=timezone.utc)
 MODULES = sorted(discover().modules)
@@ -81,8 +82,6 @@ def test_every_module_bank_has_7_questions_over_all_levels(name, registry):
 def test_every_model_answer_makes_its_own_claims_in_both_languages(name, registry):
     """A learner who answers as the bank's model answer does gets full marks, in English and in Chinese
     (scripts/grade_bank.py lists what a failing question misses)."""
-    from scripts.grade_bank import complete, report
-
     failing = {r["id"]: r for r in map(report, load_bank(registry.get(name))) if not complete(r)}
     assert not failing, f"python scripts/grade_bank.py --module {name}: {sorted(failing)}"
 

@@ -13,9 +13,9 @@ from core.nn.shape_lm import answer_accuracy, encode_examples, load_shape_lm, qu
 from core.nn.vision import load_vision_encoder
 from core.data.shapes import COLOURS, SIDES
 from pre_train.vlm.llava.code.llava import (CAPTION_PROMPT, Config, answer_groups, answer_loss, answers_right,
-                                            by_kind, colour_by_shape_count, colour_ranks, load_split, make_projector, max_changes,
-                                            probe_heldout_shapes, question_kind, question_only_bias, say_about,
-                                            snapshot, stage_parameters, train_stage, visual_tokens)
+                                            by_kind, colour_by_shape_count, colour_ranks, load_split, make_projector,
+                                            max_changes, probe_heldout_shapes, question_kind, question_only_bias,
+                                            say_about, snapshot, stage_parameters, train_stage, visual_tokens)
 
 N, D = 64, 64  # patches of the shared encoder, width of the encoder and the decoder
 

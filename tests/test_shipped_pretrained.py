@@ -8,6 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from core import paths
+from core.artifacts import UserError
 from scripts.pretrain_shape_models import shipped_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,7 +16,8 @@ MODELS = shipped_models()
 
 
 def test_every_shipped_folder_is_a_model_a_module_loads():
-    assert sorted(f.name for f in paths.SHIPPED_PRETRAINED.iterdir()) == sorted(m.cache_dir(m.cfg).name for m in MODELS)
+    shipped = sorted(f.name for f in paths.SHIPPED_PRETRAINED.iterdir())
+    assert shipped == sorted(m.cache_dir(m.cfg).name for m in MODELS)
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.cache_dir(m.cfg).name)
@@ -25,7 +27,8 @@ def test_the_shipped_model_is_what_this_code_pretrains(model, tmp_path, monkeypa
     said = []
     model.load(model.cfg, say=said.append)
     assert said and said[0].startswith("no pretrained"), "the model was not pretrained here"
-    fresh, shipped = model.cache_dir(model.cfg), paths.ROOT / "assets" / "pretrained" / model.cache_dir(model.cfg).name
+    fresh = model.cache_dir(model.cfg)
+    shipped = paths.ROOT / "assets" / "pretrained" / fresh.name
     assert sorted(f.name for f in fresh.iterdir()) == sorted(f.name for f in shipped.iterdir())
     for f in shipped.iterdir():
         if f.suffix == ".safetensors":
@@ -51,3 +54,22 @@ def test_a_first_run_copies_the_shipped_model_instead_of_pretraining(tmp_path, m
         folder = model.cache_dir(model.cfg)
         shipped = paths.SHIPPED_PRETRAINED / folder.name
         assert all((folder / f.name).read_bytes() == f.read_bytes() for f in shipped.iterdir())
+
+
+@pytest.mark.parametrize("model", MODELS[1::2], ids=lambda m: type(m.cfg).__name__)
+def test_a_damaged_shipped_copy_is_named_not_the_cache_that_repeats_it(model, tmp_path, monkeypatch):
+    """Deleting the cached file would only copy the damaged shipped one again: the error names the shipped file."""
+    name = model.cache_dir(model.cfg).name
+    shipped = tmp_path / "shipped"
+    (shipped / name).mkdir(parents=True)
+    for f in (paths.SHIPPED_PRETRAINED / name).iterdir():
+        (shipped / name / f.name).write_bytes(f.read_bytes())
+    weights = next(f for f in (shipped / name).iterdir() if f.suffix == ".safetensors")
+    weights.write_bytes(b"a truncated checkout")
+    monkeypatch.setattr(paths, "SHIPPED_PRETRAINED", shipped)
+    monkeypatch.setenv("FINETUNE_PRETRAINED_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=f"{weights}: not a readable .*git checkout"):
+        model.load(model.cfg, say=lambda _: None)
+    (tmp_path / "cache" / name / weights.name).write_bytes(b"damaged in the cache only")
+    with pytest.raises(UserError, match="cache.*delete it to pretrain again"):
+        model.load(model.cfg, say=lambda _: None)

@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from core.artifacts import UserError, atomic_write, atomic_write_text, copy_shipped
+from core.artifacts import atomic_write, atomic_write_text, copy_shipped, unreadable_pretrained
 from core.data.shapes import Scene, Split, caption, held_out_shape, make_scenes, qa_pairs, render_batch
 from core.data.tokenizer import Tokenizer, train_sentencepiece
 from core.nn.loss import linear_cross_entropy
@@ -243,8 +243,7 @@ def load_shape_lm(cfg: ShapeLMConfig = ShapeLMConfig(),
     try:
         lm.load_state_dict(load_file(str(weights)))
     except (OSError, SafetensorError, RuntimeError) as exc:
-        raise UserError(f"{weights}: not a readable shape-world language model ({exc}); delete it to "
-                        f"pretrain again") from None
+        raise unreadable_pretrained(weights, "shape-world language model", exc) from None
     for p in lm.parameters():
         p.requires_grad_(False)
     return tok, lm.eval()

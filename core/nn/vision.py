@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.artifacts import UserError, atomic_write, atomic_write_text, copy_shipped
+from core.artifacts import atomic_write, atomic_write_text, copy_shipped, unreadable_pretrained
 from core.data.shapes import COLOURS, IMAGE_SIZE, KINDS, SIDES, SIZES, Scene, make_scenes, render_batch
 from core.paths import pretrained_cache
 
@@ -185,7 +185,7 @@ def load_vision_encoder(cfg: VisionConfig = VisionConfig(), say: Callable[[str],
     try:
         encoder.load_state_dict(load_file(str(weights)))
     except (OSError, SafetensorError, RuntimeError) as exc:
-        raise UserError(f"{weights}: not a readable vision encoder ({exc}); delete it to pretrain again") from None
+        raise unreadable_pretrained(weights, "vision encoder", exc) from None
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder.eval()
